@@ -1,0 +1,28 @@
+"""The four canonical tissue classes, their QuPath names and display colours.
+
+Tumor bed = viable_tumor + necrosis + fibrosis; ``other`` (normal tissue, fat, muscle, blood,
+debris) lies outside it.
+"""
+from __future__ import annotations
+
+__all__ = ["CLASSES", "TUMOR_BED", "QUPATH_NAMES", "COLORS_RGB", "class_index"]
+
+CLASSES: tuple[str, ...] = ("viable_tumor", "necrosis", "fibrosis", "other")
+TUMOR_BED: tuple[str, ...] = ("viable_tumor", "necrosis", "fibrosis")
+QUPATH_NAMES: dict[str, str] = {
+    "viable_tumor": "Viable tumor",
+    "necrosis": "Necrosis",
+    "fibrosis": "Fibrosis",
+    "other": "Other",
+}
+COLORS_RGB: dict[str, tuple[int, int, int]] = {
+    "viable_tumor": (200, 30, 40),
+    "necrosis": (240, 200, 40),
+    "fibrosis": (60, 120, 220),
+    "other": (140, 140, 140),
+}
+
+
+def class_index(name: str) -> int:
+    """Index of a canonical class id in :data:`CLASSES`."""
+    return CLASSES.index(name)
