@@ -36,11 +36,11 @@ def _f(default: Any, *, range: tuple[float, float] | None = None,
 class TissueConfig:
     """Tissue detection on a low-resolution image of the slide."""
 
-    mask_mpp: float = _f(8.0, range=(1.0, 64.0))           # µm/px of the tissue mask
-    min_optical_density: float = _f(0.05, range=(0.0, 2.0))  # OD above glass that counts as stain
-    min_saturation: float = _f(0.07, range=(0.0, 1.0))       # HSV saturation that counts as stain
-    closing_um: float = _f(24.0, range=(0.0, 500.0))         # radius closing gaps inside tissue, µm
-    max_hole_mm2: float = _f(0.05, range=(0.0, 100.0))       # holes up to this area become tissue, mm²
+    mask_mpp: float = _f(4.0, range=(1.0, 64.0))           # µm/px of the tissue mask
+    min_optical_density: float = _f(0.08, range=(0.0, 2.0))  # OD above glass that counts as stain
+    min_saturation: float = _f(0.10, range=(0.0, 1.0))       # HSV saturation that counts as stain
+    closing_um: float = _f(8.0, range=(0.0, 500.0))         # radius closing gaps inside tissue, µm
+    max_hole_mm2: float = _f(0.01, range=(0.0, 100.0))       # holes up to this area become tissue, mm²
     min_object_mm2: float = _f(0.01, range=(0.0, 100.0))     # tissue pieces below this are dust, mm²
 
 
