@@ -146,11 +146,10 @@ def _check(key: str, kind: Any, value: Any, meta: Mapping[str, Any]) -> Any:
             raise ConfigError(f"{key}: {value!r} is not a number")
         if kind is int and float(value) != int(value):
             raise ConfigError(f"{key}: {value!r} is not a whole number")
-        value = kind(value)
         lo_hi = meta.get("range")
         if lo_hi is not None and not (lo_hi[0] <= value <= lo_hi[1]):
             raise ConfigError(f"{key}: {value!r} is out of range [{lo_hi[0]}, {lo_hi[1]}]")
-        return value
+        return kind(value)
     if kind is str:
         value = str(value)
         choices = meta.get("choices")

@@ -245,6 +245,7 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto", mpp: float |
     if mpp is not None and not (MPP_RANGE[0] <= mpp <= MPP_RANGE[1]):
         raise SlideFormatError(path, f"--mpp {mpp} is outside the plausible range {MPP_RANGE} µm/px")
 
+    _check_tiff_complete(path)
     handle, chosen, reason = _open_handle(path, backend)
     try:
         mpp_value, mpp_source = _resolve_mpp(path, handle.properties, mpp)
@@ -304,9 +305,43 @@ def _not_a_slide(path: Path, detail: str) -> str:
         head = fh.read(512)
     if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
         return "a text file, not a slide image"
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+    if head[:4] in _TIFF_MAGIC:
         return f"a TIFF that cannot be read as a slide (truncated or corrupt?): {detail}"
     return f"not a whole-slide image OpenSlide or tiffslide can read: {detail}"
+
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _check_tiff_complete(path: Path) -> None:
+    """For TIFF-based files: every image tile/strip lies inside the file (catches truncation)."""
+    import logging
+
+    import tifffile
+
+    with path.open("rb") as fh:
+        if fh.read(4) not in _TIFF_MAGIC:
+            return
+    size = path.stat().st_size
+    logging.getLogger("tifffile").setLevel(logging.ERROR)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if len(tif.pages) == 0 or not tif.series:
+                raise SlideFormatError(path, f"a TIFF with no readable image directory ({size} bytes; "
+                                       "truncated or corrupt?)")
+            for series in tif.series:
+                for level in series.levels:
+                    for page in level.pages:
+                        if page is None:
+                            continue
+                        ends = np.asarray(page.dataoffsets, np.int64) + np.asarray(page.databytecounts, np.int64)
+                        if ends.size and int(ends.max()) > size:
+                            raise SlideFormatError(path, f"truncated: image data runs to byte {int(ends.max())} "
+                                                   f"but the file has {size} bytes")
+    except SlideFormatError:
+        raise
+    except Exception as exc:
+        raise SlideFormatError(path, f"a TIFF whose structure cannot be read (truncated or corrupt?): {exc}") from None
 
 
 def _resolve_mpp(path: Path, props: Mapping[str, str], override: float | None) -> tuple[float, str]:

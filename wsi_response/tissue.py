@@ -94,10 +94,10 @@ def tissue_from_rgb(rgb: np.ndarray, mpp: float, cfg: TissueConfig) -> np.ndarra
     img = rgb.astype(np.float32)
     glass = _glass_rgb(img)
     od = -np.log10(np.clip((img + 1.0) / (glass + 1.0), 1e-3, None))
-    od_max = ndimage.uniform_filter(od.max(axis=2), size=3)
+    od_max = od.max(axis=2)
     vmax = img.max(axis=2)
     vmin = img.min(axis=2)
-    saturation = ndimage.uniform_filter(np.where(vmax > 0, (vmax - vmin) / np.maximum(vmax, 1.0), 0.0), size=3)
+    saturation = np.where(vmax > 0, (vmax - vmin) / np.maximum(vmax, 1.0), 0.0)
     scanner_black = vmax < 40  # unscanned areas / slide edge, not stain
     stained = ((od_max > cfg.min_optical_density) | (saturation > cfg.min_saturation)) & ~scanner_black
 

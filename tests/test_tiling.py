@@ -1,0 +1,109 @@
+"""Tile grid geometry, tissue-fraction bookkeeping and the chunked tile reader."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+
+import numpy as np
+import openslide
+import pytest
+from PIL import Image
+
+from wsi_response.config import TilingConfig
+from wsi_response.slide import open_slide
+from wsi_response.tiling import TileReader, tile_grid
+from wsi_response.tissue import detect_tissue
+
+
+@pytest.fixture(scope="module")
+def synth_slide_and_mask(synth_specimen_small):
+    slide = open_slide(synth_specimen_small.slides[0].slide_path)
+    return slide, detect_tissue(slide)
+
+
+def test_read_level_is_nearest_below_target(synth_slide_and_mask):
+    slide, mask = synth_slide_and_mask
+    grid = tile_grid(slide, mask, TilingConfig(target_mpp=1.0))
+    assert grid.read_level == 1 and grid.level_downsample == pytest.approx(4.0)
+    assert grid.level_tile_px == 224 and grid.level_scale == pytest.approx(1.0)
+    grid = tile_grid(slide, mask, TilingConfig(target_mpp=0.5, tile_px=256, stride_px=256))
+    assert grid.read_level == 0 and grid.level_tile_px == 512
+
+
+@pytest.mark.parametrize("tile_px, stride_px", [(224, 224), (256, 128), (224, 112)])
+def test_tissue_fraction_sums_to_tissue_area(synth_slide_and_mask, tile_px, stride_px):
+    slide, mask = synth_slide_and_mask
+    exact = tile_grid(slide, mask, TilingConfig(tile_px=tile_px, stride_px=stride_px, min_tissue_fraction=0.0))
+    assert exact.tissue_area_mm2 == pytest.approx(mask.area_mm2, rel=1e-6)
+    default = tile_grid(slide, mask, TilingConfig(tile_px=tile_px, stride_px=stride_px))
+    assert default.tissue_area_mm2 == pytest.approx(mask.area_mm2, rel=0.01)
+    assert len(default) < len(exact)
+    assert default.tissue_fraction.min() >= TilingConfig().min_tissue_fraction
+    # cells partition the plane: no duplicate cell, tiles centred on their cells
+    assert len(np.unique(default.cols_rows, axis=0)) == len(default)
+    centre_tile = default.origins_l0 + default.size_l0 / 2
+    centre_cell = default.cell_origins_l0 + default.stride_l0 / 2
+    assert np.abs(centre_tile - centre_cell).max() <= default.downsample
+
+
+def test_chunks_are_contiguous_blocks(synth_slide_and_mask):
+    slide, mask = synth_slide_and_mask
+    grid = tile_grid(slide, mask, TilingConfig(read_region_px=672))
+    assert grid.chunk_cells == 3
+    assert grid.chunk_starts[0] == 0 and grid.chunk_starts[-1] == len(grid)
+    for k in range(grid.n_chunks):
+        block = grid.cols_rows[grid.chunk_starts[k]:grid.chunk_starts[k + 1]] // grid.chunk_cells
+        assert (block == block[0]).all()
+
+
+def _openslide_tiles(path, grid, indices):
+    """Reference: one plain OpenSlide read_region per tile, resized to tile_px."""
+    osr = openslide.OpenSlide(str(path))
+    ds = osr.level_downsamples[grid.read_level]
+    out = []
+    for x, y in grid.level_origins()[indices]:
+        rgba = osr.read_region((int(round(x * ds)), int(round(y * ds))), grid.read_level,
+                               (grid.level_tile_px, grid.level_tile_px))
+        tile = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        if tile.size != (grid.tile_px, grid.tile_px):
+            tile = tile.resize((grid.tile_px, grid.tile_px), Image.Resampling.BILINEAR)
+        out.append(np.asarray(tile))
+    return np.stack(out)
+
+
+def test_reader_matches_openslide_on_synthetic_slide(synth_slide_and_mask):
+    slide, mask = synth_slide_and_mask
+    grid = tile_grid(slide, mask, TilingConfig())
+    reader = TileReader(slide, grid)
+    assert reader.backend.startswith("tiffslide")
+    tiles = np.concatenate([t for _, t in reader.iter_chunks()])
+    assert tiles.shape == (len(grid), 224, 224, 3)
+    sample = np.linspace(0, len(grid) - 1, 25).astype(int)
+    ref = _openslide_tiles(slide.path, grid, sample)
+    assert np.abs(tiles[sample].astype(int) - ref).mean() <= 1.0
+
+
+def test_reader_matches_openslide_with_resampling(cmu_slide_path):
+    slide = open_slide(cmu_slide_path)
+    grid = tile_grid(slide, detect_tissue(slide), TilingConfig(target_mpp=1.0))
+    assert grid.read_level == 0 and grid.level_tile_px == round(224 * 1.0 / 0.499)
+    tiles = np.concatenate([t for _, t in TileReader(slide, grid).iter_chunks()])
+    ref = _openslide_tiles(slide.path, grid, np.arange(len(grid)))
+    assert np.abs(tiles.astype(int) - ref).mean() <= 1.0
+
+
+def _read_chunk_in_worker(args):
+    reader, k = args
+    return reader.read_chunk(k)
+
+
+def test_reader_works_in_worker_processes(synth_slide_and_mask):
+    slide, mask = synth_slide_and_mask
+    grid = tile_grid(slide, mask, TilingConfig(read_region_px=672))
+    reader = TileReader(slide, grid)
+    pickle.loads(pickle.dumps(reader))
+    with mp.get_context("spawn").Pool(2) as pool:
+        results = pool.map(_read_chunk_in_worker, [(reader, k) for k in range(min(4, grid.n_chunks))])
+    for k, (indices, tiles) in enumerate(results):
+        local_indices, local_tiles = reader.read_chunk(k)
+        assert np.array_equal(indices, local_indices) and np.array_equal(tiles, local_tiles)

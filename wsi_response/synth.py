@@ -1,0 +1,931 @@
+"""Synthetic H&E whole-slide images with exact ground truth (tests, demo, benchmarks).
+
+A synthetic slide is a real pyramidal, tiled (256 px), JPEG (YCbCr 4:2:0) TIFF that OpenSlide and
+tiffslide open like a scanner's file:
+
+- ``fmt="svs"``: Aperio layout (level 0, a stripped thumbnail, then the ×4 levels as following
+  pages), Aperio ``ImageDescription`` with ``AppMag`` and ``MPP``; OpenSlide vendor ``aperio``.
+- ``fmt="tiff"``: generic tiled TIFF whose microns-per-pixel live only in the
+  ``XResolution``/``YResolution`` tags (``ResolutionUnit`` CENTIMETER); levels are following
+  pages with ``NewSubfileType`` reduced-image. OpenSlide 4 (vendor ``generic-tiff``) reports
+  ``openslide.mpp-x`` from those tags.
+
+Ground truth is a low-resolution label raster (``LABEL_GLASS`` = 0 glass, ``1 + i`` the class
+``classes.CLASSES[i]``); label pixel ``(j, i)`` covers level-0 pixels
+``[i*d, (i+1)*d) x [j*d, (j+1)*d)`` with ``d = label_downsample``. Rendered pixels follow it
+exactly: a level-0 pixel belongs to the class of the label pixel that contains it (textures are
+blended over a few µm around borders, the owning class always keeps more than half the weight).
+Areas are counted from the raster, so they are exact.
+
+Files written beside ``<stem>.svs`` (each to a temporary name, then renamed)::
+
+    <stem>.truth.json           mpp, dimensions, label downsample, areas_mm2, tissue_area_mm2, ...
+    <stem>.labels.png           uint8 label raster (lossless)
+    <stem>.annotations.geojson  QuPath FeatureCollection, one feature per region polygon
+    <stem>.partial.geojson      what a pathologist draws: eroded partial polygons, some regions none
+
+Memory is bounded: level 0 is never held; tiles are rendered one at a time from per-class
+texture atlases (``ATLAS_UM`` square, at level-0 resolution) and streamed to tifffile.
+Same arguments and seed give a byte-identical slide.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .classes import CLASSES, COLORS_RGB, QUPATH_NAMES, TUMOR_BED
+
+__all__ = [
+    "LABEL_GLASS",
+    "SlideTruth",
+    "SpecimenTruth",
+    "synth_slide",
+    "synth_specimen",
+    "load_slide_truth",
+    "load_specimen_truth",
+    "read_labels",
+]
+
+LABEL_GLASS = 0
+"""Label raster value of glass; class ``CLASSES[i]`` has value ``1 + i``."""
+
+SCHEMA_VERSION = 1
+TILE_PX = 256
+ATLAS_UM = 256.0           # texture atlas side (µm); in px a power of two in [512, 2048]
+LABEL_UM = 4.0             # target label raster resolution (µm per label px)
+MIN_LEVEL_LONG_PX = 1500   # add ×4 levels until the smallest long side is below this
+PARTIAL_MARGIN_UM = 50.0   # partial annotations stay at least this far from region borders
+
+# texture ids (render-only; "other" is a mix of fat, muscle and blood)
+_T_GLASS, _T_VIABLE, _T_NECROSIS, _T_FIBROSIS, _T_FAT, _T_MUSCLE, _T_BLOOD = range(7)
+_TEXTURE_CLASS = np.array([0, 1, 2, 3, 4, 4, 4], dtype=np.uint8)  # texture id -> label value
+
+# Stain optical-density vectors (R, G, B), unit length: haematoxylin, eosin, red blood cells.
+_STAINS = np.array(
+    [[0.60, 0.74, 0.31], [0.17, 0.86, 0.49], [0.12, 0.74, 0.66]], dtype=np.float32
+)
+_STAINS /= np.linalg.norm(_STAINS, axis=1, keepdims=True)
+_GLASS_OD = float(np.log10(255.0 / 240.0))   # glass ~240 grey
+
+
+# --------------------------------------------------------------------------- truth values
+
+
+@dataclass(frozen=True)
+class SlideTruth:
+    """Ground truth of one synthetic slide. Areas in mm², coordinates in level-0 px."""
+
+    slide_path: Path
+    mpp: float
+    dimensions_px: tuple[int, int]          # level-0 (width, height)
+    tissue_area_mm2: float
+    areas_mm2: dict[str, float]             # per canonical class
+    label_path: Path
+    label_downsample: float                 # level-0 px per label px
+    annotations_path: Path
+    partial_annotations_path: Path
+    truth_path: Path
+
+    @property
+    def tumor_bed_area_mm2(self) -> float:
+        return float(sum(self.areas_mm2[c] for c in TUMOR_BED))
+
+    @property
+    def viable_percent(self) -> float:
+        return _viable_percent(self.areas_mm2)
+
+
+@dataclass(frozen=True)
+class SpecimenTruth:
+    """Ground truth of a synthetic specimen (several slides)."""
+
+    specimen_id: str
+    slides: tuple[SlideTruth, ...]
+    areas_mm2: dict[str, float]
+    tissue_area_mm2: float
+    viable_percent: float
+    truth_path: Path
+
+
+def _viable_percent(areas: dict[str, float]) -> float:
+    bed = sum(areas[c] for c in TUMOR_BED)
+    return 100.0 * areas["viable_tumor"] / bed if bed > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _atomic_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = _atomic_path(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
+    """Zero-mean unit-std smooth noise of correlation length ~``scale`` pixels (float32)."""
+    from skimage.transform import resize
+
+    h, w = shape
+    gh = max(3, int(math.ceil(h / max(scale, 1.0))) + 2)
+    gw = max(3, int(math.ceil(w / max(scale, 1.0))) + 2)
+    coarse = rng.standard_normal((gh, gw))
+    up = resize(coarse, (h, w), order=3, mode="reflect", anti_aliasing=False).astype(np.float32)
+    up -= up.mean()
+    sd = float(up.std())
+    return up / sd if sd > 0 else up
+
+
+def _periodic_noise(rng: np.random.Generator, n: int, scale_px: float) -> np.ndarray:
+    """Tileable (periodic) smooth noise on an ``n x n`` grid, zero mean, unit std (float32)."""
+    from scipy import fft as sfft
+
+    white = rng.standard_normal((n, n), dtype=np.float32)
+    fy = np.fft.fftfreq(n).astype(np.float32)
+    fx = np.fft.rfftfreq(n).astype(np.float32)
+    k2 = fy[:, None] ** 2 + fx[None, :] ** 2
+    sigma = max(scale_px, 0.5)
+    filt = np.exp(np.float32(-2.0 * math.pi**2 * sigma**2) * k2)
+    out = sfft.irfft2(sfft.rfft2(white) * filt, s=(n, n)).astype(np.float32)
+    out -= out.mean()
+    sd = float(out.std())
+    return out / sd if sd > 0 else out
+
+
+def _stamp(canvas: np.ndarray, cy: float, cx: float, ry: float, rx: float, theta: float,
+           value: float, soft: float = 1.0, mode: str = "max") -> None:
+    """Draw a soft-edged ellipse into a periodic 2-D ``canvas`` (wraps around the edges)."""
+    n = canvas.shape[0]
+    r = max(ry, rx) + 2.0 * soft + 1.0
+    y0, y1 = int(math.floor(cy - r)), int(math.ceil(cy + r)) + 1
+    x0, x1 = int(math.floor(cx - r)), int(math.ceil(cx + r)) + 1
+    yy = np.arange(y0, y1, dtype=np.float32)[:, None] - cy
+    xx = np.arange(x0, x1, dtype=np.float32)[None, :] - cx
+    c, s = math.cos(theta), math.sin(theta)
+    u = (xx * c + yy * s) / max(rx, 0.3)
+    v = (-xx * s + yy * c) / max(ry, 0.3)
+    d = np.sqrt(u * u + v * v)  # 1 on the ellipse border
+    edge = soft / max(min(rx, ry), 0.3)
+    a = np.clip((1.0 - d) / max(edge, 1e-3) + 0.5, 0.0, 1.0) * value
+    rows = np.arange(y0, y1) % n
+    cols = np.arange(x0, x1) % n
+    sub = canvas[np.ix_(rows, cols)]
+    if mode == "max":
+        canvas[np.ix_(rows, cols)] = np.maximum(sub, a)
+    else:  # "add"
+        canvas[np.ix_(rows, cols)] = sub + a
+
+
+# --------------------------------------------------------------------------- texture atlases
+
+
+def _atlas_px(mpp: float) -> int:
+    return int(2 ** int(np.clip(round(math.log2(ATLAS_UM / mpp)), 9, 11)))
+
+
+def _build_atlases(rng: np.random.Generator, mpp: float) -> list[np.ndarray | None]:
+    """Per texture id, an (A, A, 3) float32 stain-concentration atlas (H, E, RBC), periodic."""
+    n = _atlas_px(mpp)
+    um = 1.0 / mpp  # px per µm
+    atl: list[np.ndarray | None] = [None] * 7
+    f32 = np.float32
+
+    def blank() -> np.ndarray:
+        return np.zeros((n, n), f32)
+
+    # viable tumor: crowded, pleomorphic, hyperchromatic nuclei on purple-pink cytoplasm
+    H = 0.16 + 0.04 * _periodic_noise(rng, n, 4 * um)
+    E = 0.30 + 0.05 * _periodic_noise(rng, n, 2 * um) + 0.04 * _periodic_noise(rng, n, 15 * um)
+    nuc = blank()
+    target = 0.42 * n * n
+    area = 0.0
+    while area < target:
+        big = rng.random() < 0.04
+        rmaj = (rng.uniform(9, 14) if big else rng.uniform(3.2, 7.5)) * um
+        rmin = rmaj * rng.uniform(0.55, 1.0)
+        val = rng.uniform(0.85, 1.5)
+        _stamp(nuc, rng.uniform(0, n), rng.uniform(0, n), rmin, rmaj, rng.uniform(0, math.pi),
+               val, soft=0.6 * um)
+        area += math.pi * rmaj * rmin * 0.8
+    chrom = 1.0 + 0.25 * _periodic_noise(rng, n, 0.6 * um)
+    nucleoli = blank()
+    for _ in range(int(0.15 * target / (math.pi * (4.5 * um) ** 2))):
+        _stamp(nucleoli, rng.uniform(0, n), rng.uniform(0, n), 0.7 * um, 0.8 * um, 0.0, 0.6,
+               soft=0.3 * um)
+    nmask = np.clip(nuc / 0.8, 0, 1)
+    H = H * (1 - nmask) + nuc * chrom + nucleoli * (nuc > 0.5)
+    E = E * (1 - 0.5 * nmask)
+    atl[_T_VIABLE] = np.stack([H, E, np.zeros_like(H)], -1).astype(f32)
+
+    # necrosis: eosinophilic granular ghost-cell background, nuclear dust, no crisp nuclei
+    E = (0.44 + 0.08 * _periodic_noise(rng, n, 1.2 * um) + 0.06 * _periodic_noise(rng, n, 10 * um))
+    H = 0.07 + 0.02 * _periodic_noise(rng, n, 6 * um)
+    ghost = blank()
+    for _ in range(int(0.5 * n * n / (math.pi * (6 * um) ** 2))):
+        r = rng.uniform(4, 7) * um
+        _stamp(ghost, rng.uniform(0, n), rng.uniform(0, n), r * rng.uniform(0.7, 1), r,
+               rng.uniform(0, math.pi), rng.uniform(0.5, 1.0), soft=1.5 * um)
+    dust = blank()
+    for _ in range(int(n * n / (30 * um) ** 2 * 6)):
+        cy, cx = rng.uniform(0, n), rng.uniform(0, n)
+        for _k in range(int(rng.integers(1, 5))):  # small clusters of fragments
+            r = rng.uniform(0.4, 1.3) * um
+            _stamp(dust, cy + rng.normal(0, 2.5 * um), cx + rng.normal(0, 2.5 * um), r, r, 0.0,
+                   rng.uniform(0.9, 1.6), soft=0.3 * um)
+    H = H + 0.06 * ghost + dust
+    E = E - 0.07 * ghost + 0.05 * np.clip(1 - ghost, 0, 1)
+    atl[_T_NECROSIS] = np.stack([H, E, np.zeros_like(H)], -1).astype(f32)
+
+    # fibrosis: wavy collagen bundles, sparse elongated nuclei along the fibres
+    span_um = n / um
+    ang = rng.uniform(0, math.pi)
+    cyc = span_um / rng.uniform(5, 8)                        # bundle spacing 5-8 µm
+    ky, kx = round(cyc * math.sin(ang)), round(cyc * math.cos(ang))
+    if kx == 0 and ky == 0:
+        kx = 1
+    yy, xx = np.mgrid[0:n, 0:n].astype(f32)
+    phase = (2 * math.pi * (kx * xx + ky * yy) / n + 3.0 * _periodic_noise(rng, n, 30 * um)
+             + 0.7 * _periodic_noise(rng, n, 6 * um))
+    fib = 0.5 + 0.5 * np.sin(phase)
+    fine = 0.5 + 0.5 * np.sin(3 * phase + 1.2 * _periodic_noise(rng, n, 3 * um))
+    cleft = np.clip((np.sin(0.5 * phase + 1.0) - 0.93) / 0.07, 0, 1)
+    E = (0.30 + 0.12 * fib + 0.07 * fine + 0.05 * _periodic_noise(rng, n, 2 * um)
+         + 0.04 * _periodic_noise(rng, n, 20 * um)) * (1 - 0.6 * cleft)
+    H = 0.04 + 0.02 * _periodic_noise(rng, n, 6 * um)
+    nuc = blank()
+    fibre_dir = math.atan2(-kx, ky)  # along the stripes
+    for _ in range(int(n * n / (45 * um) ** 2)):
+        _stamp(nuc, rng.uniform(0, n), rng.uniform(0, n), rng.uniform(0.9, 1.6) * um,
+               rng.uniform(5, 9) * um, fibre_dir + rng.normal(0, 0.15), rng.uniform(0.8, 1.2),
+               soft=0.5 * um)
+    H = H + nuc
+    E = E * (1 - 0.4 * np.clip(nuc, 0, 1))
+    atl[_T_FIBROSIS] = np.stack([H, E, np.zeros_like(H)], -1).astype(f32)
+
+    # fat: polygonal clear vacuoles with thin pink membranes (periodic Voronoi)
+    cell = rng.uniform(28, 40) * um
+    g = max(2, int(round(n / cell)))
+    pts = (np.stack(np.meshgrid(np.arange(g), np.arange(g), indexing="ij"), -1).reshape(-1, 2)
+           + 0.5 + rng.uniform(-0.35, 0.35, (g * g, 2))) * (n / g)
+    d1 = np.full((n, n), np.inf, f32)
+    d2 = np.full((n, n), np.inf, f32)
+    ax = np.arange(n, dtype=f32)
+    for py, px in pts:
+        dy = np.abs(ax - py)
+        dy = np.minimum(dy, n - dy)
+        dx = np.abs(ax - px)
+        dx = np.minimum(dx, n - dx)
+        d = np.sqrt(dy[:, None] ** 2 + dx[None, :] ** 2)
+        d2 = np.minimum(d2, np.maximum(d1, d))
+        d1 = np.minimum(d1, d)
+    t = 1.3 * um
+    memb = np.exp(-(((d2 - d1) / (2 * t)) ** 2)).astype(f32)
+    E = 0.05 + 0.55 * memb * (1 + 0.2 * _periodic_noise(rng, n, 3 * um))
+    H = 0.015 + 0.06 * memb
+    nuc = blank()
+    for py, px in pts[rng.random(len(pts)) < 0.15]:
+        _stamp(nuc, py + cell / 2, px, 1.0 * um, 4.0 * um, rng.uniform(0, math.pi), 0.9,
+               soft=0.4 * um)
+    H = H + nuc * memb
+    atl[_T_FAT] = np.stack([H, E, np.zeros_like(H)], -1).astype(f32)
+
+    # skeletal muscle: deep pink fibres with cross striations and peripheral nuclei
+    ang = rng.uniform(0, math.pi)
+    cyc = span_um / rng.uniform(18, 26)                       # fibre width ~20 µm
+    ky, kx = round(cyc * math.sin(ang)), round(cyc * math.cos(ang))
+    if kx == 0 and ky == 0:
+        ky = 1
+    m = max(1, round((span_um / 2.6) / max(math.hypot(kx, ky), 1)))  # striations ~2.6 µm
+    band = np.sin(2 * math.pi * (kx * xx + ky * yy) / n + 0.8 * _periodic_noise(rng, n, 40 * um))
+    body = np.clip((band + 0.75) / 0.25, 0, 1)
+    stri = 0.5 + 0.5 * np.sin(2 * math.pi * m * (-ky * xx + kx * yy) / n)
+    E = 0.12 + body * (0.50 + 0.07 * stri + 0.04 * _periodic_noise(rng, n, 5 * um))
+    H = 0.03 + 0.02 * body
+    nuc = blank()
+    fibre_dir = math.atan2(kx, -ky) if (kx or ky) else 0.0
+    edge = np.argwhere((np.abs(band + 0.6) < 0.05)[::8, ::8]) * 8
+    if len(edge):
+        for i in rng.choice(len(edge), size=min(len(edge), int(n * n / (40 * um) ** 2)),
+                            replace=False):
+            _stamp(nuc, edge[i][0], edge[i][1], 1.2 * um, 5 * um, fibre_dir, 1.0, soft=0.5 * um)
+    H = H + nuc
+    atl[_T_MUSCLE] = np.stack([H, E, np.zeros_like(H)], -1).astype(f32)
+
+    # blood: packed red cells with central pallor, few leukocytes
+    X = 0.25 + 0.05 * _periodic_noise(rng, n, 8 * um)
+    rbc = blank()
+    for _ in range(int(0.9 * n * n / (math.pi * (3.6 * um) ** 2))):
+        r = rng.uniform(3.2, 3.9) * um
+        cy, cx = rng.uniform(0, n), rng.uniform(0, n)
+        _stamp(rbc, cy, cx, r * rng.uniform(0.85, 1), r, rng.uniform(0, math.pi), 0.55,
+               soft=0.6 * um)
+        _stamp(rbc, cy, cx, 0.4 * r, 0.4 * r, 0.0, -0.15, soft=0.8 * um, mode="add")
+    X = X + np.clip(rbc, 0, None)
+    H = 0.03 + 0.01 * _periodic_noise(rng, n, 4 * um)
+    nuc = blank()
+    for _ in range(int(n * n / (60 * um) ** 2)):
+        cy, cx = rng.uniform(0, n), rng.uniform(0, n)
+        for _k in range(3):  # lobated leukocyte nucleus
+            _stamp(nuc, cy + rng.normal(0, 1.3 * um), cx + rng.normal(0, 1.3 * um), 1.5 * um,
+                   1.8 * um, rng.uniform(0, math.pi), 1.1, soft=0.4 * um)
+    H = H + nuc
+    E = 0.06 + 0.2 * np.clip(rbc, 0, 1)
+    atl[_T_BLOOD] = np.stack([H, E, X], -1).astype(f32)
+
+    for a in atl:
+        if a is not None:
+            np.clip(a, 0.0, 3.0, out=a)
+    return atl
+
+
+def _glass_atlas(rng: np.random.Generator, mpp: float) -> np.ndarray:
+    """(A, A) float32 background optical density: glass ~240 with faint noise."""
+    n = _atlas_px(mpp)
+    return (_GLASS_OD + 0.0035 * _periodic_noise(rng, n, 0.7)
+            + 0.003 * _periodic_noise(rng, n, 30 / mpp)).astype(np.float32)
+
+
+def _downsample_atlas(a: np.ndarray, f: int) -> np.ndarray:
+    n = a.shape[0]
+    f = min(f, n)
+    m = n // f
+    shp = (m, f, m, f) + a.shape[2:]
+    return a[: m * f, : m * f].reshape(shp).mean(axis=(1, 3)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- label raster
+
+
+def _drop_small(mask: np.ndarray, min_px: int) -> np.ndarray:
+    """``mask`` without its 4-connected components smaller than ``min_px`` pixels."""
+    from skimage.measure import label as cc_label
+
+    comps = cc_label(mask, connectivity=1)
+    sizes = np.bincount(comps.ravel())
+    keep = sizes >= min_px
+    keep[0] = False
+    return keep[comps]
+
+
+def _build_labels(rng: np.random.Generator, shape: tuple[int, int], label_um: float,
+                  viable_fraction: float) -> np.ndarray:
+    """Texture-id raster (uint8, values ``_T_*``) at label resolution."""
+    h, w = shape
+    short = min(h, w)
+    yy = (np.arange(h, dtype=np.float32)[:, None] + 0.5) / h
+    xx = (np.arange(w, dtype=np.float32)[None, :] + 0.5) / w
+    # tissue: 1-3 irregular pieces
+    npieces = int(rng.choice([1, 1, 2, 3]))
+    env = np.zeros((h, w), np.float32)
+    centers_x = np.sort(rng.uniform(0.3, 0.7, npieces)) if npieces == 1 else \
+        np.linspace(0.22, 0.78, npieces) + rng.uniform(-0.05, 0.05, npieces)
+    for cx in centers_x:
+        cy = rng.uniform(0.4, 0.6)
+        rx = rng.uniform(0.30, 0.40) / npieces ** 0.8
+        ry = rng.uniform(0.28, 0.38)
+        th = rng.uniform(-0.5, 0.5)
+        dx, dy = (xx - cx) * w / short, (yy - cy) * h / short
+        u = (dx * math.cos(th) + dy * math.sin(th)) / (rx * w / short)
+        v = (-dx * math.sin(th) + dy * math.cos(th)) / ry
+        env = np.maximum(env, 1.0 - (u * u + v * v))
+    field = env + 0.30 * _smooth_noise(rng, shape, short / 6) + 0.08 * _smooth_noise(
+        rng, shape, short / 25)
+    margin = max(2, int(0.03 * short))
+    border = np.minimum(np.minimum(np.arange(h)[:, None], h - 1 - np.arange(h)[:, None]),
+                        np.minimum(np.arange(w)[None, :], w - 1 - np.arange(w)[None, :]))
+    field = np.where(border < margin, -10.0, field).astype(np.float32)
+    frac = rng.uniform(0.36, 0.52)
+    tissue = field > np.quantile(field, 1.0 - frac)
+    n_t = int(tissue.sum())
+    tissue = _drop_small(tissue, max(4, n_t // 200))
+    tissue = ~_drop_small(~tissue, max(4, n_t // 500))
+    del field, env
+
+    # classes inside the tissue: quantile thresholds of smooth fields give exact fractions
+    reg = float(np.clip(short / 5, 150 / label_um, 1200 / label_um))
+    o = _smooth_noise(rng, shape, reg * 1.4)
+    f_other = rng.uniform(0.15, 0.32)
+    other = tissue & (o < np.quantile(o[tissue], f_other))
+    del o
+    bed = tissue & ~other
+    tex = np.zeros(shape, np.uint8)
+    v = _smooth_noise(rng, shape, reg)
+    vb = v[bed]
+    if vb.size and viable_fraction > 0:
+        k = int(round(viable_fraction * vb.size))
+        thr = np.sort(vb)[vb.size - k] if k > 0 else np.inf
+        viable = bed & (v >= thr)
+    else:
+        viable = np.zeros(shape, bool)
+    del v, vb
+    rest = bed & ~viable
+    nf = _smooth_noise(rng, shape, reg * 0.8)
+    share = rng.uniform(0.3, 0.7)
+    necrosis = rest & (nf > np.quantile(nf[rest], 1 - share)) if rest.any() else rest
+    del nf
+    tex[viable] = _T_VIABLE
+    tex[necrosis] = _T_NECROSIS
+    tex[rest & ~necrosis] = _T_FIBROSIS
+    if other.any():
+        s = _smooth_noise(rng, shape, reg * 0.6)
+        so = s[other]
+        q1, q2 = np.quantile(so, [rng.uniform(0.4, 0.6), rng.uniform(0.75, 0.9)])
+        tex[other & (s < q1)] = _T_FAT
+        tex[other & (s >= q1) & (s < q2)] = _T_MUSCLE
+        tex[other & (s >= q2)] = _T_BLOOD
+    return tex
+
+
+def _region_scales(rng: np.random.Generator, tex: np.ndarray, label_um: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-label-pixel haematoxylin and eosin intensity factors (per region + slow drift)."""
+    from skimage.measure import label as cc_label
+
+    comps, ncomp = cc_label(tex, background=_T_GLASS, connectivity=1, return_num=True)
+    fh = rng.uniform(0.82, 1.18, ncomp + 1).astype(np.float32)
+    fe = rng.uniform(0.82, 1.18, ncomp + 1).astype(np.float32)
+    fh[0] = fe[0] = 1.0
+    drift = 1.0 + 0.06 * _smooth_noise(rng, tex.shape, 2000 / label_um)
+    sh = fh[comps] * drift
+    se = fe[comps] * (2.0 - drift)
+    sh[comps == 0] = 1.0
+    se[comps == 0] = 1.0
+    return sh.astype(np.float32), se.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+class _LevelRenderer:
+    """Renders 256x256 RGB tiles of one pyramid level from atlases and the label raster."""
+
+    def __init__(self, f: int, dims: tuple[int, int], ds: int, tex: np.ndarray, sh: np.ndarray,
+                 se: np.ndarray, atlases: list[np.ndarray | None], glass: np.ndarray,
+                 offsets: np.ndarray) -> None:
+        self.f = f
+        self.w, self.h = dims
+        if f < ds:
+            self.scale = ds / f  # level px per grid px
+            self.tex, self.sh, self.se = tex, sh, se
+        else:
+            iy = np.minimum(((np.arange(self.h) + 0.5) * f / ds).astype(np.int64), tex.shape[0] - 1)
+            ix = np.minimum(((np.arange(self.w) + 0.5) * f / ds).astype(np.int64), tex.shape[1] - 1)
+            self.scale = 1.0
+            self.tex = tex[np.ix_(iy, ix)]
+            self.sh = sh[np.ix_(iy, ix)]
+            self.se = se[np.ix_(iy, ix)]
+        self.atlases = [None if a is None else _downsample_atlas(a, f) for a in atlases]
+        self.glass = _downsample_atlas(glass, f)
+        self.offsets = [(int(oy) // f, int(ox) // f) for oy, ox in offsets]
+        self.stain = _STAINS
+
+    @staticmethod
+    def _interp(start: int, n_out: int, scale: float, n_grid: int):
+        """Bilinear sampling of grid cells for output px ``start..start+n_out`` (1-D)."""
+        u = (np.arange(start, start + n_out, dtype=np.float64) + 0.5) / scale - 0.5
+        i0 = np.floor(u).astype(np.int64)
+        t = (u - i0).astype(np.float32)
+        a = np.clip(i0, 0, n_grid - 1)
+        b = np.clip(i0 + 1, 0, n_grid - 1)
+        lo, hi = int(a.min()), int(b.max()) + 1
+        return lo, hi, a - lo, b - lo, 1.0 - t, t
+
+    @staticmethod
+    def _bilinear(grid: np.ndarray, iy, ix) -> np.ndarray:
+        """Bilinear interpolation of a small 2-D float ``grid`` (gathers, no BLAS)."""
+        ya, yb, wya, wyb = iy
+        xa, xb, wxa, wxb = ix
+        top = grid[ya]
+        bot = grid[yb]
+        return ((top[:, xa] * wxa + top[:, xb] * wxb) * wya[:, None]
+                + (bot[:, xa] * wxa + bot[:, xb] * wxb) * wyb[:, None])
+
+    @staticmethod
+    def _gather(atlas: np.ndarray, y0: int, x0: int, th: int, tw: int) -> np.ndarray:
+        n = atlas.shape[0]
+        y0 %= n
+        x0 %= n
+        if y0 + th <= n and x0 + tw <= n:
+            return atlas[y0:y0 + th, x0:x0 + tw]
+        ry = (np.arange(y0, y0 + th)) % n
+        rx = (np.arange(x0, x0 + tw)) % n
+        return atlas[np.ix_(ry, rx)]
+
+    def tile(self, ty: int, tx: int) -> np.ndarray:
+        T = TILE_PX
+        y0, x0 = ty * T, tx * T
+        ylo, yhi, *iy = self._interp(y0, T, self.scale, self.tex.shape[0])
+        xlo, xhi, *ix = self._interp(x0, T, self.scale, self.tex.shape[1])
+        block = self.tex[ylo:yhi, xlo:xhi]
+        present = np.unique(block)
+        conc = np.zeros((T, T, 3), np.float32)
+        for t in present:
+            if t == _T_GLASS:
+                continue
+            oy, ox = self.offsets[t]
+            patch = self._gather(self.atlases[t], y0 + oy, x0 + ox, T, T)
+            if len(present) == 1:
+                conc += patch
+            else:
+                wgt = self._bilinear((block == t).astype(np.float32), iy, ix)
+                conc += wgt[:, :, None] * patch
+        if present.size > 1 or present[0] != _T_GLASS:
+            shb = self.sh[ylo:yhi, xlo:xhi]
+            seb = self.se[ylo:yhi, xlo:xhi]
+            s_h = self._bilinear(shb, iy, ix)
+            s_e = self._bilinear(seb, iy, ix)
+            conc[:, :, 0] *= s_h
+            conc[:, :, 1] *= s_e
+            conc[:, :, 2] *= s_e
+            st = self.stain  # explicit sum: tiny BLAS calls are slow with threaded OpenBLAS
+            od = conc[:, :, 0:1] * st[0] + conc[:, :, 1:2] * st[1] + conc[:, :, 2:3] * st[2]
+        else:
+            od = np.zeros((T, T, 3), np.float32)
+        od += self._gather(self.glass, y0, x0, T, T)[:, :, None]
+        rgb = np.exp(od * np.float32(-math.log(10.0))) * np.float32(255.0) + np.float32(0.5)
+        np.clip(rgb, 0, 255, out=rgb)
+        return rgb.astype(np.uint8)
+
+    def tiles(self) -> Iterator[np.ndarray]:
+        nty = -(-self.h // TILE_PX)
+        ntx = -(-self.w // TILE_PX)
+        for ty in range(nty):
+            for tx in range(ntx):
+                yield self.tile(ty, tx)
+
+    def array(self) -> np.ndarray:
+        """Whole level as one array (only for small levels)."""
+        out = np.zeros((self.h, self.w, 3), np.uint8)
+        for ty in range(-(-self.h // TILE_PX)):
+            for tx in range(-(-self.w // TILE_PX)):
+                t = self.tile(ty, tx)
+                y0, x0 = ty * TILE_PX, tx * TILE_PX
+                hh, ww = min(TILE_PX, self.h - y0), min(TILE_PX, self.w - x0)
+                out[y0:y0 + hh, x0:x0 + ww] = t[:hh, :ww]
+        return out
+
+
+def _app_mag(mpp: float) -> int:
+    for mag in (80, 40, 20, 10, 5):
+        if mpp <= 10.0 / mag * 1.2 + 1e-9:   # 40x: <= 0.3 µm/px, 20x: <= 0.6, ...
+            return mag
+    return max(1, int(round(10.0 / mpp)))
+
+
+def _write_tiff(path: Path, fmt: str, renderers: list[_LevelRenderer], W: int, H: int,
+                mpp: float, jpeg_quality: int) -> None:
+    import tifffile
+
+    raw_bytes = W * H * 3
+    jargs = dict(
+        dtype=np.uint8, tile=(TILE_PX, TILE_PX), compression="jpeg",
+        compressionargs={"level": int(jpeg_quality)}, photometric="rgb", subsampling=(2, 2),
+        metadata=None, software=False, resolutionunit="CENTIMETER",
+    )
+    head = f"Aperio Image Library v12.0.0\r\n{W}x{H}"
+    smallest = renderers[-1].array() if fmt == "svs" else None
+    with tifffile.TiffWriter(path, bigtiff=raw_bytes > 3_000_000_000) as tw:
+        for i, r in enumerate(renderers):
+            res = 1e4 / (mpp * r.f)
+            kw = dict(jargs, shape=(r.h, r.w, 3), resolution=(res, res))
+            if fmt == "svs":
+                if i == 0:
+                    kw["description"] = (f"{head} [0,0 {W}x{H}] ({TILE_PX}x{TILE_PX}) JPEG/RGB "
+                                         f"Q={int(jpeg_quality)}|AppMag = {_app_mag(mpp)}"
+                                         f"|MPP = {mpp:.4f}")
+                else:
+                    kw["description"] = (f"{head} -> {r.w}x{r.h} JPEG/RGB "
+                                         f"Q={int(jpeg_quality)}")
+            elif i > 0:
+                kw["subfiletype"] = 1
+            if fmt == "svs" and i == len(renderers) - 1:
+                tw.write(_iter_array_tiles(smallest), **kw)
+            else:
+                tw.write(r.tiles(), **kw)
+            if fmt == "svs" and i == 0:
+                # Aperio: page 1 is a stripped thumbnail (OpenSlide ignores it as a level)
+                from PIL import Image
+
+                th_w = max(1, int(round(W * min(1.0, 768 / max(W, H)))))
+                th_h = max(1, int(round(H * min(1.0, 768 / max(W, H)))))
+                thumb = np.asarray(Image.fromarray(smallest).resize((th_w, th_h),
+                                                                    Image.BILINEAR))
+                tw.write(thumb, photometric="rgb", compression="jpeg",
+                         compressionargs={"level": 90}, subsampling=(2, 2), metadata=None,
+                         software=False, rowsperstrip=16,
+                         description=f"{head} -> {th_w}x{th_h} - |")
+
+
+def _iter_array_tiles(a: np.ndarray) -> Iterator[np.ndarray]:
+    for y in range(0, a.shape[0], TILE_PX):
+        for x in range(0, a.shape[1], TILE_PX):
+            yield a[y:y + TILE_PX, x:x + TILE_PX]
+
+
+# --------------------------------------------------------------------------- annotations
+
+
+def _class_geometry(labels: np.ndarray, value: int, ds: int):
+    """Exact union of the label pixels equal to ``value``, in level-0 px (shapely geometry)."""
+    import shapely
+
+    m = labels == value
+    if not m.any():
+        return shapely.MultiPolygon()
+    pad = np.zeros((m.shape[0], m.shape[1] + 2), bool)
+    pad[:, 1:-1] = m
+    d = np.diff(pad.astype(np.int8), axis=1)
+    ys, xs = np.nonzero(d == 1)
+    ye, xe = np.nonzero(d == -1)
+    # runs come out row-major in the same order for starts and ends
+    boxes = shapely.box(xs * ds, ys * ds, xe * ds, (ys + 1) * ds)
+    geom = shapely.union_all(boxes)
+    geom = shapely.make_valid(shapely.simplify(geom, 0.0))
+    return geom
+
+
+def _polygons(geom) -> list:
+    if geom.is_empty:
+        return []
+    if geom.geom_type == "Polygon":
+        return [geom]
+    if geom.geom_type == "MultiPolygon":
+        return list(geom.geoms)
+    if geom.geom_type == "GeometryCollection":
+        out = []
+        for g in geom.geoms:
+            out.extend(_polygons(g))
+        return out
+    return []
+
+
+def _feature(geom, cls: str, locked: bool = False) -> dict:
+    import shapely
+
+    gj = json.loads(shapely.to_geojson(geom))
+    return {
+        "type": "Feature",
+        "geometry": gj,
+        "properties": {
+            "objectType": "annotation",
+            "classification": {"name": QUPATH_NAMES[cls], "color": list(COLORS_RGB[cls])},
+            "isLocked": locked,
+        },
+    }
+
+
+def _annotations(rng: np.random.Generator, labels: np.ndarray, ds: int, mpp: float
+                 ) -> tuple[dict, dict]:
+    import shapely
+
+    full, partial = [], []
+    for ci, cls in enumerate(CLASSES):
+        polys = _polygons(_class_geometry(labels, ci + 1, ds))
+        for p in polys:
+            full.append(_feature(p, cls))
+        if not polys:
+            continue
+        largest = max(range(len(polys)), key=lambda i: polys[i].area)
+        for i, p in enumerate(polys):
+            if i != largest and rng.random() < 0.35:
+                continue  # left unannotated
+            d_px = (PARTIAL_MARGIN_UM + rng.uniform(1.0, 20.0)) / mpp
+            core = p.buffer(-d_px, quad_segs=4)
+            if core.is_empty or core.area <= 0:
+                continue
+            minx, miny, maxx, maxy = core.bounds
+            pt = None
+            for _ in range(50):
+                q = shapely.Point(rng.uniform(minx, maxx), rng.uniform(miny, maxy))
+                if core.contains(q):
+                    pt = q
+                    break
+            if pt is None:
+                pt = core.representative_point()
+            rad = math.sqrt(core.area) * rng.uniform(0.3, 0.6)
+            blob = shapely.affinity.scale(pt.buffer(rad, quad_segs=8), rng.uniform(0.6, 1.4),
+                                          rng.uniform(0.6, 1.4))
+            part = shapely.make_valid(core.intersection(blob))
+            for q in _polygons(part):
+                if q.area > 0:
+                    partial.append(_feature(q, cls))
+    return ({"type": "FeatureCollection", "features": full},
+            {"type": "FeatureCollection", "features": partial})
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _level_factors(W: int, H: int) -> list[int]:
+    fs = [1]
+    while max(-(-W // fs[-1]), -(-H // fs[-1])) >= MIN_LEVEL_LONG_PX:
+        fs.append(fs[-1] * 4)
+    return fs
+
+
+def synth_slide(
+    path: str | os.PathLike,
+    *,
+    size_px: tuple[int, int] = (8000, 6000),
+    mpp: float = 0.25,
+    seed: int = 0,
+    viable_fraction: float | None = None,
+    fmt: str = "svs",
+    tile_px: int = 256,
+    jpeg_quality: int = 90,
+) -> SlideTruth:
+    """Write a synthetic H&E slide at ``path`` and its ground-truth files beside it.
+
+    ``size_px`` is the level-0 (width, height) in px; ``mpp`` in µm per level-0 px;
+    ``viable_fraction`` is the target viable / (viable + necrosis + fibrosis) in [0, 1]
+    (``None``: drawn from ``seed``); ``fmt`` is ``"svs"`` (Aperio) or ``"tiff"`` (generic TIFF,
+    MPP in resolution tags only). Returns the :class:`SlideTruth` (areas exact, from labels).
+    """
+    from PIL import Image
+
+    if fmt not in ("svs", "tiff"):
+        raise ValueError(f"fmt must be 'svs' or 'tiff', not {fmt!r}")
+    if int(tile_px) != TILE_PX:
+        raise ValueError(f"tile_px must be {TILE_PX}")
+    W, H = int(size_px[0]), int(size_px[1])
+    if W < 256 or H < 256:
+        raise ValueError(f"size_px must be at least 256 x 256, not {size_px}")
+    mpp = float(mpp)
+    if not mpp > 0:
+        raise ValueError(f"mpp must be positive, not {mpp}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7121]))
+    if viable_fraction is None:
+        viable_fraction = float(rng.uniform(0.02, 0.9))
+    viable_fraction = float(np.clip(viable_fraction, 0.0, 1.0))
+
+    ds = max(1, int(round(LABEL_UM / mpp)))
+    label_um = ds * mpp
+    lshape = (-(-H // ds), -(-W // ds))
+    tex = _build_labels(rng, lshape, label_um, viable_fraction)
+    labels = _TEXTURE_CLASS[tex]
+    sh, se = _region_scales(rng, tex, label_um)
+    atlases = _build_atlases(rng, mpp)
+    glass = _glass_atlas(rng, mpp)
+    offsets = rng.integers(0, _atlas_px(mpp) // TILE_PX, (7, 2)) * TILE_PX
+
+    factors = _level_factors(W, H)
+    renderers = [
+        _LevelRenderer(f, (-(-W // f), -(-H // f)), ds, tex, sh, se, atlases, glass, offsets)
+        for f in factors
+    ]
+    tmp = _atomic_path(path)
+    try:
+        _write_tiff(tmp, fmt, renderers, W, H, mpp, jpeg_quality)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    del renderers, atlases
+
+    stem = path.with_suffix("")
+    label_path = Path(f"{stem}.labels.png")
+    ann_path = Path(f"{stem}.annotations.geojson")
+    part_path = Path(f"{stem}.partial.geojson")
+    truth_path = Path(f"{stem}.truth.json")
+
+    tmp = _atomic_path(label_path)
+    try:
+        Image.fromarray(labels, mode="L").save(tmp, format="PNG")
+        os.replace(tmp, label_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+    full, partial = _annotations(rng, labels, ds, mpp)
+    _write_text_atomic(ann_path, json.dumps(full))
+    _write_text_atomic(part_path, json.dumps(partial))
+
+    counts = np.bincount(labels.ravel(), minlength=1 + len(CLASSES))
+    px_mm2 = (ds * mpp / 1000.0) ** 2
+    areas = {c: float(counts[i + 1]) * px_mm2 for i, c in enumerate(CLASSES)}
+    tissue = float(counts[1:].sum()) * px_mm2
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "slide",
+        "slide_path": path.name,
+        "format": fmt,
+        "seed": int(seed),
+        "mpp": mpp,
+        "dimensions_px": [W, H],
+        "level_downsamples": [float(f) for f in factors],
+        "label_path": label_path.name,
+        "label_downsample": float(ds),
+        "label_values": {"0": "glass", **{str(i + 1): c for i, c in enumerate(CLASSES)}},
+        "label_pixel_counts": {c: int(counts[i + 1]) for i, c in enumerate(CLASSES)},
+        "annotations_path": ann_path.name,
+        "partial_annotations_path": part_path.name,
+        "areas_mm2": areas,
+        "tissue_area_mm2": tissue,
+        "tumor_bed_area_mm2": float(sum(areas[c] for c in TUMOR_BED)),
+        "viable_percent": _viable_percent(areas),
+        "viable_fraction_target": viable_fraction,
+    }
+    _write_text_atomic(truth_path, json.dumps(doc, indent=2))
+    return load_slide_truth(truth_path)
+
+
+def synth_specimen(
+    out_dir: str | os.PathLike,
+    specimen_id: str,
+    n_slides: int,
+    *,
+    seed: int = 0,
+    size_px: tuple[int, int] = (8000, 6000),
+    mpp: float = 0.25,
+    viable_fraction: float | None = None,
+    fmt: str = "svs",
+) -> SpecimenTruth:
+    """Write ``n_slides`` slides to ``out_dir/<specimen_id>/<specimen_id>_<k>.<fmt>`` (k = 1..n)
+    with their truth files and ``specimen.truth.json``. Every slide gets the same target
+    ``viable_fraction`` (``None``: drawn once from ``seed``); the truth records exact values."""
+    if int(n_slides) < 1:
+        raise ValueError(f"n_slides must be >= 1, not {n_slides}")
+    folder = Path(out_dir) / specimen_id
+    folder.mkdir(parents=True, exist_ok=True)
+    if viable_fraction is None:
+        viable_fraction = float(np.random.default_rng(
+            np.random.SeedSequence([int(seed), 5501])).uniform(0.02, 0.9))
+    ext = "svs" if fmt == "svs" else "tiff"
+    slides = []
+    for k in range(1, int(n_slides) + 1):
+        slide_seed = int(np.random.SeedSequence([int(seed), k]).generate_state(1)[0])
+        slides.append(synth_slide(folder / f"{specimen_id}_{k}.{ext}", size_px=size_px, mpp=mpp,
+                                  seed=slide_seed, viable_fraction=viable_fraction, fmt=fmt))
+    areas = {c: float(sum(s.areas_mm2[c] for s in slides)) for c in CLASSES}
+    truth_path = folder / "specimen.truth.json"
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "specimen",
+        "specimen_id": specimen_id,
+        "seed": int(seed),
+        "viable_fraction_target": viable_fraction,
+        "slides": [s.truth_path.name for s in slides],
+        "areas_mm2": areas,
+        "tissue_area_mm2": float(sum(s.tissue_area_mm2 for s in slides)),
+        "tumor_bed_area_mm2": float(sum(areas[c] for c in TUMOR_BED)),
+        "viable_percent": _viable_percent(areas),
+    }
+    _write_text_atomic(truth_path, json.dumps(doc, indent=2))
+    return load_specimen_truth(truth_path)
+
+
+def load_slide_truth(path: str | os.PathLike) -> SlideTruth:
+    """Read ``<stem>.truth.json``; file names in it are relative to its folder."""
+    path = Path(path)
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    base = path.parent
+    return SlideTruth(
+        slide_path=base / doc["slide_path"],
+        mpp=float(doc["mpp"]),
+        dimensions_px=(int(doc["dimensions_px"][0]), int(doc["dimensions_px"][1])),
+        tissue_area_mm2=float(doc["tissue_area_mm2"]),
+        areas_mm2={c: float(doc["areas_mm2"][c]) for c in CLASSES},
+        label_path=base / doc["label_path"],
+        label_downsample=float(doc["label_downsample"]),
+        annotations_path=base / doc["annotations_path"],
+        partial_annotations_path=base / doc["partial_annotations_path"],
+        truth_path=path,
+    )
+
+
+def load_specimen_truth(path: str | os.PathLike) -> SpecimenTruth:
+    """Read ``specimen.truth.json`` (and the slide truth files it names)."""
+    path = Path(path)
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    slides = tuple(load_slide_truth(path.parent / name) for name in doc["slides"])
+    return SpecimenTruth(
+        specimen_id=str(doc["specimen_id"]),
+        slides=slides,
+        areas_mm2={c: float(doc["areas_mm2"][c]) for c in CLASSES},
+        tissue_area_mm2=float(doc["tissue_area_mm2"]),
+        viable_percent=float(doc["viable_percent"]),
+        truth_path=path,
+    )
+
+
+def read_labels(truth: SlideTruth) -> np.ndarray:
+    """The label raster as uint8 ``[y, x]`` (one px = ``truth.label_downsample`` level-0 px)."""
+    from PIL import Image
+
+    with Image.open(truth.label_path) as im:
+        return np.asarray(im, dtype=np.uint8).copy()
