@@ -1,0 +1,55 @@
+"""Atomic file writes: write to a temporary name in the same folder, fsync, rename into place.
+
+A reader (or a rerun after a kill) sees either the old file or the complete new one, never a
+partial file under the final name. Temporary names start with ``.`` and end with ``.partial``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+__all__ = ["atomic_open", "write_atomic", "write_json_atomic", "PARTIAL_SUFFIX"]
+
+PARTIAL_SUFFIX = ".partial"
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
+    """A binary file handle whose content replaces ``path`` only if the block ends without error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_open(path) as fh:
+        fh.write(data)
+
+
+def write_json_atomic(path: str | os.PathLike[str], value: Any) -> None:
+    """Write ``value`` as indented UTF-8 JSON (keys in insertion order) atomically."""
+    write_atomic(path, (json.dumps(value, indent=2, ensure_ascii=False, default=_jsonable) + "\n").encode("utf-8"))
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars/arrays and paths as plain JSON values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
