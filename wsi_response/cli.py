@@ -61,6 +61,131 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import train_classifier
+
+    overrides = list(args.overrides)
+    for key, value in (("epochs", args.epochs), ("val_split", args.val_split), ("arch", args.arch),
+                       ("seed", args.seed)):
+        if value is not None:
+            overrides.append(f"training.{key}={value}")
+    cfg = load_config(args.config, overrides)
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
+    result = train_classifier(args.slides, args.annotations, args.out, cfg, weights=args.weights,
+                              device=args.device, weights_dtype=args.weights_dtype, log=log)
+    val = result.report["metrics"].get("val")
+    print(f"model {args.out} (sha256 {result.classifier.sha256})")
+    if val:
+        recall = ", ".join(f"{c} {r:.3f}" for c, r in val["recall"].items() if r is not None)
+        print(f"validation ({result.report['metrics']['val_slides']} slides, {val['n_tiles']} tiles): "
+              f"balanced accuracy {val['balanced_accuracy']:.3f}; recall {recall}")
+    print(f"report {result.report_path}")
+    return EXIT_OK
+
+
+def _split_overrides(items: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """Positional ``SLIDE...`` and ``section.key=value`` items, told apart by their shape."""
+    slides, overrides = [], []
+    for item in items:
+        head, sep, _ = item.partition("=")
+        is_override = bool(sep) and "." in head and "/" not in head and not Path(item).exists()
+        (overrides if is_override else slides).append(item if is_override else Path(item))
+    return slides, overrides
+
+
+def _load_run_setup(args: argparse.Namespace, overrides: list[str]):
+    """Config (with --device) and the classifier checked against it; says which model is used."""
+    from .classifier import default_model_path, load_classifier
+    from .config import load_config
+
+    if args.device is not None:
+        overrides = [*overrides, f"inference.device={args.device}"]
+    cfg = load_config(args.config, overrides)
+    model_path = args.model or default_model_path()
+    classifier = load_classifier(model_path, cfg.tiling)
+    if not args.quiet:
+        trained = json.dumps(classifier.trained_on.get("description", classifier.trained_on))
+        demo = " (DEMONSTRATION model, synthetic training data: not for clinical use)" \
+            if args.model is None else ""
+        print(f"model {model_path.name}{demo}; sha256 {classifier.sha256[:16]}…; trained on {trained}",
+              file=sys.stderr)
+    return cfg, classifier
+
+
+def _print_specimen(result: dict, out: Path, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    specimen_dir = out / result["specimen_id"]
+    viable = result["viable_percent"]
+    ci = result["viable_percent_ci95"]
+    tier = (result.get("eortc") or {}).get("tier")
+    headline = (f"viable tumor {viable:.1f} % of the tumor bed (95 % interval {ci[0]:.1f}–{ci[1]:.1f} %), "
+                f"EORTC-STBSG {tier}" if viable is not None else "no tumor bed found")
+    print(f"specimen {result['specimen_id']} [{result['status']}]: {headline}")
+    for flag in result["qc"]["flags"]:
+        print(f"  QC: {flag}")
+    for slide in result["slides"]:
+        if slide["status"] == "failed":
+            print(f"  failed: {slide['error']}")
+    print(f"report: {specimen_dir / 'report.html'}")
+    print(f"results: {specimen_dir / 'specimen.json'}")
+
+
+def _exit_code(result: dict) -> int:
+    return EXIT_FAILED if any(s["status"] == "failed" for s in result["slides"]) else EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import run_specimen
+
+    slides, overrides = _split_overrides(args.items)
+    if not slides:
+        raise ConfigError("run: no slide given")
+    cfg, classifier = _load_run_setup(args, overrides)
+    result = run_specimen(slides, args.specimen, args.out, classifier, cfg, mpp=args.mpp, quiet=args.quiet)
+    _print_specimen(result, args.out, args.json)
+    return _exit_code(result)
+
+
+def _cmd_aggregate(args: argparse.Namespace) -> int:
+    from .pipeline import aggregate_specimen
+
+    folders = [args.dir] if (args.dir / "slides").is_dir() else sorted(
+        p for p in args.dir.iterdir() if (p / "slides").is_dir())
+    if not folders:
+        raise ConfigError(f"aggregate: {args.dir} holds no specimen folder (DIR/<specimen>/slides/)")
+    code = EXIT_OK
+    for folder in folders:
+        previous = folder / "specimen.json"
+        result = aggregate_specimen(folder, folder.name)
+        if previous.exists() and not args.quiet:
+            print(f"rebuilt {previous}", file=sys.stderr)
+        _print_specimen(result, folder.parent, False)
+        code = max(code, _exit_code(result))
+    return code
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .pipeline import run_specimen
+    from .synth import synth_specimen
+
+    specimen_id = "DEMO-001"
+    data = args.out / "slides"
+    if not args.quiet:
+        print(f"writing a synthetic specimen ({args.slides} slides) to {data} ...", file=sys.stderr)
+    truth = synth_specimen(data, specimen_id, args.slides, seed=args.seed, size_px=(8000, 6000), mpp=0.25,
+                           viable_fraction=0.2)
+    cfg, classifier = _load_run_setup(args, [])
+    result = run_specimen([s.slide_path for s in truth.slides], specimen_id, args.out / "results", classifier,
+                          cfg, quiet=args.quiet)
+    _print_specimen(result, args.out / "results", False)
+    print(f"ground truth (synthetic): viable {truth.viable_percent:.1f} % of the tumor bed; {truth.truth_path}")
+    print("The bundled model is a demonstration trained on synthetic slides only; not for clinical use.")
+    return _exit_code(result)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsi-response",
@@ -86,6 +211,52 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target viable / tumor bed (0-1); random per slide if omitted")
     p.add_argument("--format", choices=("svs", "tiff"), default="svs")
     p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("train", help="train a tile classifier from slides and QuPath annotations")
+    p.add_argument("--slides", type=Path, nargs="+", required=True)
+    p.add_argument("--annotations", type=Path, nargs="+", required=True,
+                   help="QuPath GeoJSON per slide (paired by stem, else by order)")
+    p.add_argument("--out", type=Path, required=True, help="model file to write (.safetensors)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--val-split", type=float, default=None, help="fraction of slides held out (by slide)")
+    p.add_argument("--arch", default=None, help="timm model name (default from training.arch: resnet18)")
+    p.add_argument("--weights", type=Path, default=None, help="local pretrained backbone weights (never downloaded)")
+    p.add_argument("--weights-dtype", choices=("float32", "float16"), default="float32",
+                   help="dtype of the stored weights (float16 halves the file)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--config", type=Path, default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. training.batch_size=16")
+    p.set_defaults(func=_cmd_train)
+
+    def run_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", type=Path, default=None,
+                       help="model file (.safetensors); default: the bundled demonstration model")
+        p.add_argument("--config", type=Path, default=None, help="YAML config (see configs/default.yaml)")
+        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+        p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+    p = sub.add_parser("run", help="score the slides of one specimen")
+    p.add_argument("items", nargs="+", metavar="SLIDE|key=value", help="slide files, then config overrides")
+    p.add_argument("--specimen", required=True, help="specimen id (folder name under --out)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--mpp", type=float, default=None, help="µm per level-0 px for slides without MPP")
+    p.add_argument("--json", action="store_true", help="print specimen.json to stdout")
+    run_options(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("aggregate", help="(re)build specimen.json and report.html from per-slide outputs")
+    p.add_argument("dir", type=Path, help="an output folder (DIR/<specimen>/...) or one specimen folder")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_aggregate)
+
+    p = sub.add_parser("demo", help="make a synthetic specimen and score it with the bundled demo model")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--slides", type=int, default=3)
+    p.add_argument("--seed", type=int, default=2024)
+    run_options(p)
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

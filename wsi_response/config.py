@@ -21,6 +21,9 @@ __all__ = [
     "TissueConfig",
     "TilingConfig",
     "InferenceConfig",
+    "QcConfig",
+    "TrainingConfig",
+    "AnnotationConfig",
     "Config",
     "load_config",
     "config_to_dict",
@@ -65,12 +68,92 @@ class InferenceConfig:
 
 
 @dataclass(frozen=True)
+class QcConfig:
+    """Artefact detection (on the tissue mask's grid) and the QC flags and verdict."""
+
+    ink_min_excess_od: float = _f(0.15, range=(0.0, 3.0))     # colour ink seed: OD excess out of the H&E gamut
+    ink_grow_excess_od: float = _f(0.0, range=(-1.0, 3.0))    # ink grows from seeds through px above this excess
+    black_min_od: float = _f(0.55, range=(0.0, 3.0))          # black ink seed: every channel's OD above this
+    black_grow_od: float = _f(0.40, range=(0.0, 3.0))         # black ink grows through px above this flat OD
+    black_max_spread: float = _f(0.40, range=(0.0, 2.0))      # black ink seed: (max - min) / mean channel OD
+    ink_grow_um: float = _f(4.0, range=(0.0, 100.0))          # ink masks are dilated by this (stroke edges), µm
+    focus_mpp: float = _f(1.0, range=(0.25, 8.0))             # µm/px the focus measure is computed at
+    focus_smooth_um: float = _f(8.0, range=(4.0, 500.0))     # Gaussian sigma pooling the focus measure, µm
+    focus_min_ratio: float = _f(0.2, range=(0.0, 1.0))        # out of focus below this x the slide's sharp tissue
+    focus_reference_percentile: float = _f(75.0, range=(1.0, 99.0))  # of tissue sharpness: "sharp" for this slide
+    fold_min_od_ratio: float = _f(1.5, range=(1.0, 10.0))     # fold: tissue OD >= this x its surroundings
+    fold_context_um: float = _f(150.0, range=(10.0, 5000.0))  # Gaussian sigma of a fold's surroundings, µm
+    rim_min_od: float = _f(0.25, range=(0.0, 3.0))            # bubble rim / coverslip edge: flat OD above this
+    rim_max_width_um: float = _f(16.0, range=(1.0, 200.0))    # dark lines thinner than this are rims or edges, µm
+    bubble_max_od_ratio: float = _f(0.7, range=(0.0, 1.0))    # bubble interior OD <= this x the tissue median
+    edge_min_length_um: float = _f(1000.0, range=(10.0, 100000.0))  # straight dark line this long: coverslip edge
+    min_artefact_mm2: float = _f(0.002, range=(0.0, 100.0))   # artefact pieces smaller than this are dropped, mm²
+    tile_white_min_grey: float = _f(230.0, range=(0.0, 255.0))  # tile mean grey above this: near-white tile
+    tile_black_max_grey: float = _f(30.0, range=(0.0, 255.0))   # tile mean grey below this: near-black tile
+    flag_artefact_fraction: float = _f(0.02, range=(0.0, 1.0))  # one kind above this fraction of tissue: caveat
+    max_artefact_fraction: float = _f(0.25, range=(0.0, 1.0))   # all kinds above this fraction: not reportable
+    min_tissue_mm2: float = _f(0.05, range=(0.0, 1000.0))       # less tissue than this: not reportable, mm²
+    min_tumor_bed_mm2: float = _f(1.0, range=(0.0, 10000.0))    # smaller tumor bed: caveat, mm²
+    mpp_power_tolerance: float = _f(0.3, range=(0.0, 1.0))      # |mpp / (10 / power) - 1| above this: caveat
+    max_failed_slide_fraction: float = _f(0.25, range=(0.0, 1.0))  # more failed slides: specimen not reportable
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Training a tile classifier from annotated slides (``wsi-response train``)."""
+
+    arch: str = _f("resnet18")                                # timm model name (created without downloads)
+    epochs: int = _f(4, range=(1, 1000))                      # passes over the class-balanced training set
+    batch_size: int = _f(32, range=(1, 4096))                 # tiles per optimisation step
+    learning_rate: float = _f(0.002, range=(1e-6, 1.0))       # AdamW peak learning rate (cosine decay)
+    weight_decay: float = _f(0.0001, range=(0.0, 1.0))        # AdamW weight decay
+    val_split: float = _f(0.25, range=(0.0, 0.9))             # fraction of SLIDES held out for validation
+    seed: int = _f(0, range=(0, 2**31 - 1))                   # seeds sampling, split, init and augmentation
+    sample_stride_um: float = _f(56.0, range=(1.0, 10000.0))  # step between candidate tile centres, µm
+    min_inside_fraction: float = _f(0.5, range=(0.0, 1.0))    # of a tile's area inside its polygon
+    max_tiles_per_class_per_slide: int = _f(300, range=(1, 1_000_000))  # cap, drawn at random
+    hed_jitter: float = _f(0.05, range=(0.0, 0.5))            # HED stain scale/shift half-range (0: off)
+    amp_dtype: str = _f("bf16", choices=("bf16", "fp16"))     # CUDA autocast dtype (CPU trains in float32)
+    num_threads: int = _f(0, range=(0, 256))                  # CPU threads for torch (0: torch's default)
+
+
+_DEFAULT_NAME_MAP: dict[str, str] = {
+    "viable tumor": "viable_tumor", "viable tumour": "viable_tumor", "viable": "viable_tumor",
+    "tumor": "viable_tumor", "tumour": "viable_tumor",
+    "necrosis": "necrosis", "necrotic": "necrosis",
+    "fibrosis": "fibrosis", "stroma": "fibrosis", "fibrous": "fibrosis", "hyalinization": "fibrosis",
+    "other": "other", "normal": "other", "fat": "other", "muscle": "other", "blood": "other",
+}
+
+
+@dataclass(frozen=True)
+class AnnotationConfig:
+    """Reading QuPath annotations: classification name (case-insensitive) -> canonical class id."""
+
+    name_map: dict[str, str] = field(default_factory=lambda: dict(_DEFAULT_NAME_MAP),
+                                     metadata={"range": None, "choices": None})
+
+    def __post_init__(self) -> None:
+        from .classes import CLASSES
+
+        for name, cls in self.name_map.items():
+            if cls not in CLASSES:
+                raise ConfigError(f"annotations.name_map: {name!r} maps to {cls!r}, "
+                                  f"which is not one of {', '.join(CLASSES)}")
+        # keys are matched case-insensitively (stored lower-case)
+        object.__setattr__(self, "name_map", {k.strip().lower(): v for k, v in self.name_map.items()})
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything a run depends on, apart from the slides and the model file."""
 
     tissue: TissueConfig = field(default_factory=TissueConfig)
     tiling: TilingConfig = field(default_factory=TilingConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    qc: QcConfig = field(default_factory=QcConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    annotations: AnnotationConfig = field(default_factory=AnnotationConfig)
 
     def __post_init__(self) -> None:
         if self.tiling.stride_px > self.tiling.tile_px:

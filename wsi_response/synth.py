@@ -23,6 +23,14 @@ Files written beside ``<stem>.svs`` (each to a temporary name, then renamed)::
     <stem>.labels.png           uint8 label raster (lossless)
     <stem>.annotations.geojson  QuPath FeatureCollection, one feature per region polygon
     <stem>.partial.geojson      what a pathologist draws: eroded partial polygons, some regions none
+    <stem>.artefacts.png        only with ``artefacts=...``: uint8 bit raster at the label
+                                resolution, bit ``1 << i`` = kind ``ARTEFACTS[i]``
+
+Artefacts (``artefacts=("pen", "blur", "fold", "bubble")``, default none) follow their raster
+exactly like classes do: pen strokes (blue, green, black or red marker ink over tissue and
+glass), out-of-focus patches (Gaussian blur of the rendered pixels, sigma ``BLUR_SIGMA_UM`` at
+every level), folds (tissue of double thickness: stain concentration × ``FOLD_THICKNESS``) and
+air bubbles (pale interior, thin dark rim), the last two on tissue only.
 
 Memory is bounded: level 0 is never held; tiles are rendered one at a time from per-class
 texture atlases (``ATLAS_UM`` square, at level-0 resolution) and streamed to tifffile.
@@ -33,9 +41,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -50,6 +58,9 @@ __all__ = [
     "load_slide_truth",
     "load_specimen_truth",
     "read_labels",
+    "read_artefacts",
+    "ARTEFACTS",
+    "INK_RGB",
 ]
 
 LABEL_GLASS = 0
@@ -61,6 +72,17 @@ ATLAS_UM = 256.0           # texture atlas side (µm); in px a power of two in [
 LABEL_UM = 4.0             # target label raster resolution (µm per label px)
 MIN_LEVEL_LONG_PX = 1500   # add ×4 levels until the smallest long side is below this
 PARTIAL_MARGIN_UM = 50.0   # partial annotations stay at least this far from region borders
+
+ARTEFACTS: tuple[str, ...] = ("pen", "blur", "fold", "bubble")
+"""Synthetic artefact kinds; kind ``ARTEFACTS[i]`` is bit ``1 << i`` of the artefact raster."""
+INK_RGB: dict[str, tuple[int, int, int]] = {  # marker ink over glass (240 grey), RGB
+    "blue": (30, 70, 160), "green": (30, 140, 95), "black": (45, 45, 50), "red": (225, 60, 25)}
+BLUR_SIGMA_UM = 3.0        # Gaussian blur of out-of-focus patches, µm
+FOLD_THICKNESS = 2.0       # stain concentration factor inside a fold (two layers of tissue)
+BUBBLE_PALLOR = 0.7        # fraction of the stain lost under an air bubble
+BUBBLE_RIM_UM = 8.0        # width of a bubble's dark rim, µm
+BUBBLE_RIM_OD = 0.45       # neutral optical density added on the rim
+_RIM_BIT = 1 << len(ARTEFACTS)  # render-only: the rim part of a bubble
 
 # texture ids (render-only; "other" is a mix of fat, muscle and blood)
 _T_GLASS, _T_VIABLE, _T_NECROSIS, _T_FIBROSIS, _T_FAT, _T_MUSCLE, _T_BLOOD = range(7)
@@ -91,6 +113,9 @@ class SlideTruth:
     annotations_path: Path
     partial_annotations_path: Path
     truth_path: Path
+    artefacts_path: Path | None = None      # bit raster (see ARTEFACTS); None without artefacts
+    artefact_areas_mm2: dict[str, float] = field(default_factory=dict)         # whole mask, per kind
+    artefact_tissue_areas_mm2: dict[str, float] = field(default_factory=dict)  # on tissue, per kind
 
     @property
     def tumor_bed_area_mm2(self) -> float:
@@ -123,6 +148,19 @@ def _viable_percent(areas: dict[str, float]) -> float:
 
 def _atomic_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _write_png_atomic(path: Path, raster: np.ndarray) -> None:
+    """A uint8 ``[y, x]`` raster as a lossless greyscale PNG."""
+    from PIL import Image
+
+    tmp = _atomic_path(path)
+    try:
+        Image.fromarray(raster, mode="L").save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -466,6 +504,81 @@ def _region_scales(rng: np.random.Generator, tex: np.ndarray, label_um: float
     return sh.astype(np.float32), se.astype(np.float32)
 
 
+# --------------------------------------------------------------------------- artefact rasters
+
+
+def _curve(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """A thin smooth curve across the raster (bool), from one side to the opposite side."""
+    from skimage.draw import line
+
+    h, w = shape
+    t = np.linspace(0.0, 1.0, 64)
+    a, b = rng.uniform(0.15, 0.85, 2)
+    wobble = rng.uniform(0.05, 0.15) * np.sin(2 * math.pi * (rng.uniform(0.5, 1.5) * t
+                                                              + rng.uniform(0, 1)))
+    across, along = t, a + (b - a) * t + wobble
+    if rng.random() < 0.5:  # left to right, else top to bottom
+        ys, xs = along * (h - 1), across * (w - 1)
+    else:
+        ys, xs = across * (h - 1), along * (w - 1)
+    out = np.zeros(shape, bool)
+    ys = np.clip(np.round(ys), 0, h - 1).astype(np.int64)
+    xs = np.clip(np.round(xs), 0, w - 1).astype(np.int64)
+    for y0, x0, y1, x1 in zip(ys[:-1], xs[:-1], ys[1:], xs[1:]):
+        rr, cc = line(int(y0), int(x0), int(y1), int(x1))
+        out[rr, cc] = True
+    return out
+
+
+def _within(mask: np.ndarray, radius_px: float) -> np.ndarray:
+    """Pixels within ``radius_px`` of ``mask`` (Euclidean)."""
+    from scipy import ndimage
+
+    return ndimage.distance_transform_edt(~mask) <= radius_px
+
+
+def _build_artefacts(rng: np.random.Generator, tissue: np.ndarray, label_um: float,
+                     kinds: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Render raster (uint8: ``ARTEFACTS`` bits + ``_RIM_BIT``) and ink colour raster (uint8:
+    0 none, ``1 + i`` the colour ``list(INK_RGB)[i]``) at label resolution."""
+    from scipy import ndimage
+
+    shape = tissue.shape
+    art = np.zeros(shape, np.uint8)
+    ink = np.zeros(shape, np.uint8)
+    short_um = min(shape) * label_um
+    bit = {k: np.uint8(1 << i) for i, k in enumerate(ARTEFACTS)}
+    if "pen" in kinds:
+        for colour in rng.permutation(len(INK_RGB))[:2]:
+            half_um = float(np.clip(0.025 * short_um, 20.0, 250.0)) * rng.uniform(0.8, 1.2)
+            stroke = _within(_curve(rng, shape), half_um / label_um)
+            art[stroke] |= bit["pen"]
+            ink[stroke] = colour + 1
+    if "blur" in kinds:
+        r_px = float(np.clip(0.15 * short_um, 80.0, 1500.0)) / label_um
+        cy, cx = np.argwhere(tissue)[rng.integers(int(tissue.sum()))]
+        yy, xx = np.ogrid[:shape[0], :shape[1]]
+        d = np.hypot((yy - cy) / rng.uniform(0.7, 1.3), (xx - cx) / rng.uniform(0.7, 1.3)) / r_px
+        art[d + 0.15 * _smooth_noise(rng, shape, r_px) < 1.0] |= bit["blur"]
+    if "fold" in kinds:
+        half_um = float(np.clip(0.02 * short_um, 15.0, 100.0)) * rng.uniform(0.8, 1.2)
+        art[_within(_curve(rng, shape), half_um / label_um) & tissue] |= bit["fold"]
+    if "bubble" in kinds:
+        depth = ndimage.distance_transform_edt(tissue)
+        rim_px = max(1.0, BUBBLE_RIM_UM / label_um)
+        for _ in range(int(rng.integers(1, 4))):
+            r_px = float(np.clip(0.06 * short_um, 30.0, 300.0)) * rng.uniform(0.7, 1.3) / label_um
+            inside = np.argwhere(depth > r_px + 2)
+            if not len(inside):
+                continue
+            cy, cx = inside[rng.integers(len(inside))]
+            yy, xx = np.ogrid[:shape[0], :shape[1]]
+            d = np.hypot(yy - cy, xx - cx)
+            art[d <= r_px] |= bit["bubble"]
+            art[(d <= r_px) & (d > r_px - rim_px)] |= np.uint8(_RIM_BIT)
+    return art, ink
+
+
 # --------------------------------------------------------------------------- rendering
 
 
@@ -474,19 +587,21 @@ class _LevelRenderer:
 
     def __init__(self, f: int, dims: tuple[int, int], ds: int, tex: np.ndarray, sh: np.ndarray,
                  se: np.ndarray, atlases: list[np.ndarray | None], glass: np.ndarray,
-                 offsets: np.ndarray) -> None:
+                 offsets: np.ndarray, art: np.ndarray | None = None, ink: np.ndarray | None = None,
+                 blur_sigma_l0: float = 0.0) -> None:
         self.f = f
         self.w, self.h = dims
+        grids = [tex, sh, se] + ([art, ink] if art is not None else [None, None])
         if f < ds:
             self.scale = ds / f  # level px per grid px
-            self.tex, self.sh, self.se = tex, sh, se
         else:
             iy = np.minimum(((np.arange(self.h) + 0.5) * f / ds).astype(np.int64), tex.shape[0] - 1)
             ix = np.minimum(((np.arange(self.w) + 0.5) * f / ds).astype(np.int64), tex.shape[1] - 1)
             self.scale = 1.0
-            self.tex = tex[np.ix_(iy, ix)]
-            self.sh = sh[np.ix_(iy, ix)]
-            self.se = se[np.ix_(iy, ix)]
+            grids = [None if g is None else g[np.ix_(iy, ix)] for g in grids]
+        self.tex, self.sh, self.se, self.art, self.ink = grids
+        self.blur_sigma = blur_sigma_l0 / f  # level px
+        self.ink_od = np.log10(240.0 / np.array(list(INK_RGB.values()), np.float32))
         self.atlases = [None if a is None else _downsample_atlas(a, f) for a in atlases]
         self.glass = _downsample_atlas(glass, f)
         self.offsets = [(int(oy) // f, int(ox) // f) for oy, ox in offsets]
@@ -525,18 +640,48 @@ class _LevelRenderer:
         return atlas[np.ix_(ry, rx)]
 
     def tile(self, ty: int, tx: int) -> np.ndarray:
+        """RGB uint8 tile ``(ty, tx)`` of this level."""
         T = TILE_PX
         y0, x0 = ty * T, tx * T
-        ylo, yhi, *iy = self._interp(y0, T, self.scale, self.tex.shape[0])
-        xlo, xhi, *ix = self._interp(x0, T, self.scale, self.tex.shape[1])
+        halo = 0
+        if self.art is not None and self.blur_sigma > 0:
+            ylo, yhi, *_ = self._interp(y0, T, self.scale, self.art.shape[0])
+            xlo, xhi, *_ = self._interp(x0, T, self.scale, self.art.shape[1])
+            if (self.art[ylo:yhi, xlo:xhi] & (1 << ARTEFACTS.index("blur"))).any():
+                halo = int(math.ceil(4 * self.blur_sigma))
+        n = T + 2 * halo
+        od = self._od(y0 - halo, x0 - halo, n, n)
+        rgb = np.exp(od * np.float32(-math.log(10.0))) * np.float32(255.0)
+        if halo:
+            rgb = self._blur(rgb, y0 - halo, x0 - halo)[halo:halo + T, halo:halo + T]
+        rgb += np.float32(0.5)
+        np.clip(rgb, 0, 255, out=rgb)
+        return rgb.astype(np.uint8)
+
+    def _blur(self, rgb: np.ndarray, y0: int, x0: int) -> np.ndarray:
+        """``rgb`` (float, level px from ``(y0, x0)``) blurred where the blur raster says."""
+        from scipy import ndimage
+
+        n_y, n_x = rgb.shape[:2]
+        ylo, yhi, *iy = self._interp(y0, n_y, self.scale, self.art.shape[0])
+        xlo, xhi, *ix = self._interp(x0, n_x, self.scale, self.art.shape[1])
+        block = (self.art[ylo:yhi, xlo:xhi] & (1 << ARTEFACTS.index("blur"))) > 0
+        wgt = self._bilinear(block.astype(np.float32), iy, ix)[:, :, None]
+        blurred = ndimage.gaussian_filter(rgb, sigma=(self.blur_sigma, self.blur_sigma, 0))
+        return rgb + wgt * (blurred - rgb)
+
+    def _od(self, y0: int, x0: int, th: int, tw: int) -> np.ndarray:
+        """Optical density ``(th, tw, 3)`` float32 of level px from ``(y0, x0)``."""
+        ylo, yhi, *iy = self._interp(y0, th, self.scale, self.tex.shape[0])
+        xlo, xhi, *ix = self._interp(x0, tw, self.scale, self.tex.shape[1])
         block = self.tex[ylo:yhi, xlo:xhi]
         present = np.unique(block)
-        conc = np.zeros((T, T, 3), np.float32)
+        conc = np.zeros((th, tw, 3), np.float32)
         for t in present:
             if t == _T_GLASS:
                 continue
             oy, ox = self.offsets[t]
-            patch = self._gather(self.atlases[t], y0 + oy, x0 + ox, T, T)
+            patch = self._gather(self.atlases[t], y0 + oy, x0 + ox, th, tw)
             if len(present) == 1:
                 conc += patch
             else:
@@ -550,14 +695,36 @@ class _LevelRenderer:
             conc[:, :, 0] *= s_h
             conc[:, :, 1] *= s_e
             conc[:, :, 2] *= s_e
+            art = None if self.art is None else self.art[ylo:yhi, xlo:xhi]
+            if art is not None and art.any():
+                conc *= self._thickness(art, iy, ix)[:, :, None]
             st = self.stain  # explicit sum: tiny BLAS calls are slow with threaded OpenBLAS
             od = conc[:, :, 0:1] * st[0] + conc[:, :, 1:2] * st[1] + conc[:, :, 2:3] * st[2]
         else:
-            od = np.zeros((T, T, 3), np.float32)
-        od += self._gather(self.glass, y0, x0, T, T)[:, :, None]
-        rgb = np.exp(od * np.float32(-math.log(10.0))) * np.float32(255.0) + np.float32(0.5)
-        np.clip(rgb, 0, 255, out=rgb)
-        return rgb.astype(np.uint8)
+            od = np.zeros((th, tw, 3), np.float32)
+        od += self._gather(self.glass, y0, x0, th, tw)[:, :, None]
+        if self.art is not None:
+            self._add_dyes(od, self.art[ylo:yhi, xlo:xhi], self.ink[ylo:yhi, xlo:xhi], iy, ix)
+        return od
+
+    def _thickness(self, art: np.ndarray, iy, ix) -> np.ndarray:
+        """Stain factor per px: × ``FOLD_THICKNESS`` in folds, less under bubbles."""
+        def weight(bit: int) -> np.ndarray:
+            return self._bilinear(((art & bit) > 0).astype(np.float32), iy, ix)
+
+        fold = weight(1 << ARTEFACTS.index("fold"))
+        bubble = weight(1 << ARTEFACTS.index("bubble"))
+        return (1.0 + (FOLD_THICKNESS - 1.0) * fold) * (1.0 - BUBBLE_PALLOR * bubble)
+
+    def _add_dyes(self, od: np.ndarray, art: np.ndarray, ink: np.ndarray, iy, ix) -> None:
+        """Add bubble rims (neutral) and marker ink to ``od`` in place."""
+        if art.any() and (art & _RIM_BIT).any():
+            od += BUBBLE_RIM_OD * self._bilinear(((art & _RIM_BIT) > 0).astype(np.float32),
+                                                 iy, ix)[:, :, None]
+        for colour in np.unique(ink):
+            if colour:
+                wgt = self._bilinear((ink == colour).astype(np.float32), iy, ix)
+                od += wgt[:, :, None] * self.ink_od[colour - 1]
 
     def tiles(self) -> Iterator[np.ndarray]:
         nty = -(-self.h // TILE_PX)
@@ -746,18 +913,23 @@ def synth_slide(
     fmt: str = "svs",
     tile_px: int = 256,
     jpeg_quality: int = 90,
+    artefacts: Sequence[str] = (),
 ) -> SlideTruth:
     """Write a synthetic H&E slide at ``path`` and its ground-truth files beside it.
 
     ``size_px`` is the level-0 (width, height) in px; ``mpp`` in µm per level-0 px;
     ``viable_fraction`` is the target viable / (viable + necrosis + fibrosis) in [0, 1]
     (``None``: drawn from ``seed``); ``fmt`` is ``"svs"`` (Aperio) or ``"tiff"`` (generic TIFF,
-    MPP in resolution tags only). Returns the :class:`SlideTruth` (areas exact, from labels).
+    MPP in resolution tags only); ``artefacts`` is a subset of :data:`ARTEFACTS`, drawn from
+    ``seed`` (none: the same bytes as without the argument). Returns the :class:`SlideTruth`
+    (areas exact, from the label and artefact rasters).
     """
-    from PIL import Image
-
     if fmt not in ("svs", "tiff"):
         raise ValueError(f"fmt must be 'svs' or 'tiff', not {fmt!r}")
+    artefacts = tuple(artefacts)
+    unknown = sorted(set(artefacts) - set(ARTEFACTS))
+    if unknown:
+        raise ValueError(f"unknown artefacts {unknown}; choose from {', '.join(ARTEFACTS)}")
     if int(tile_px) != TILE_PX:
         raise ValueError(f"tile_px must be {TILE_PX}")
     W, H = int(size_px[0]), int(size_px[1])
@@ -782,10 +954,15 @@ def synth_slide(
     atlases = _build_atlases(rng, mpp)
     glass = _glass_atlas(rng, mpp)
     offsets = rng.integers(0, _atlas_px(mpp) // TILE_PX, (7, 2)) * TILE_PX
+    art = ink = None
+    if artefacts:  # own random stream: the slide without artefacts is unchanged
+        art_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 9001]))
+        art, ink = _build_artefacts(art_rng, labels > 0, label_um, artefacts)
 
     factors = _level_factors(W, H)
     renderers = [
-        _LevelRenderer(f, (-(-W // f), -(-H // f)), ds, tex, sh, se, atlases, glass, offsets)
+        _LevelRenderer(f, (-(-W // f), -(-H // f)), ds, tex, sh, se, atlases, glass, offsets,
+                       art, ink, BLUR_SIGMA_UM / mpp)
         for f in factors
     ]
     tmp = _atomic_path(path)
@@ -803,13 +980,7 @@ def synth_slide(
     part_path = Path(f"{stem}.partial.geojson")
     truth_path = Path(f"{stem}.truth.json")
 
-    tmp = _atomic_path(label_path)
-    try:
-        Image.fromarray(labels, mode="L").save(tmp, format="PNG")
-        os.replace(tmp, label_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    _write_png_atomic(label_path, labels)
 
     full, partial = _annotations(rng, labels, ds, mpp)
     _write_text_atomic(ann_path, json.dumps(full))
@@ -840,6 +1011,17 @@ def synth_slide(
         "viable_percent": _viable_percent(areas),
         "viable_fraction_target": viable_fraction,
     }
+    if art is not None:
+        truth_bits = art & np.uint8(_RIM_BIT - 1)
+        art_path = Path(f"{stem}.artefacts.png")
+        _write_png_atomic(art_path, truth_bits)
+        layers = {k: (truth_bits & (1 << i)) > 0 for i, k in enumerate(ARTEFACTS)}
+        doc["artefacts"] = list(artefacts)
+        doc["artefacts_path"] = art_path.name
+        doc["artefact_bits"] = {k: 1 << i for i, k in enumerate(ARTEFACTS)}
+        doc["artefact_areas_mm2"] = {k: float(m.sum()) * px_mm2 for k, m in layers.items()}
+        doc["artefact_tissue_areas_mm2"] = {k: float((m & (labels > 0)).sum()) * px_mm2
+                                            for k, m in layers.items()}
     _write_text_atomic(truth_path, json.dumps(doc, indent=2))
     return load_slide_truth(truth_path)
 
@@ -854,10 +1036,12 @@ def synth_specimen(
     mpp: float = 0.25,
     viable_fraction: float | None = None,
     fmt: str = "svs",
+    artefacts: Sequence[str] = (),
 ) -> SpecimenTruth:
     """Write ``n_slides`` slides to ``out_dir/<specimen_id>/<specimen_id>_<k>.<fmt>`` (k = 1..n)
     with their truth files and ``specimen.truth.json``. Every slide gets the same target
-    ``viable_fraction`` (``None``: drawn once from ``seed``); the truth records exact values."""
+    ``viable_fraction`` (``None``: drawn once from ``seed``) and the same ``artefacts`` kinds; the
+    truth records exact values."""
     if int(n_slides) < 1:
         raise ValueError(f"n_slides must be >= 1, not {n_slides}")
     folder = Path(out_dir) / specimen_id
@@ -870,7 +1054,8 @@ def synth_specimen(
     for k in range(1, int(n_slides) + 1):
         slide_seed = int(np.random.SeedSequence([int(seed), k]).generate_state(1)[0])
         slides.append(synth_slide(folder / f"{specimen_id}_{k}.{ext}", size_px=size_px, mpp=mpp,
-                                  seed=slide_seed, viable_fraction=viable_fraction, fmt=fmt))
+                                  seed=slide_seed, viable_fraction=viable_fraction, fmt=fmt,
+                                  artefacts=artefacts))
     areas = {c: float(sum(s.areas_mm2[c] for s in slides)) for c in CLASSES}
     truth_path = folder / "specimen.truth.json"
     doc = {
@@ -905,6 +1090,9 @@ def load_slide_truth(path: str | os.PathLike) -> SlideTruth:
         annotations_path=base / doc["annotations_path"],
         partial_annotations_path=base / doc["partial_annotations_path"],
         truth_path=path,
+        artefacts_path=base / doc["artefacts_path"] if "artefacts_path" in doc else None,
+        artefact_areas_mm2=dict(doc.get("artefact_areas_mm2", {})),
+        artefact_tissue_areas_mm2=dict(doc.get("artefact_tissue_areas_mm2", {})),
     )
 
 
@@ -929,3 +1117,16 @@ def read_labels(truth: SlideTruth) -> np.ndarray:
 
     with Image.open(truth.label_path) as im:
         return np.asarray(im, dtype=np.uint8).copy()
+
+
+def read_artefacts(truth: SlideTruth) -> dict[str, np.ndarray]:
+    """Exact bool ``[y, x]`` mask per kind in :data:`ARTEFACTS`, on the label raster's grid
+    (all False for a slide without artefacts)."""
+    from PIL import Image
+
+    if truth.artefacts_path is None:
+        shape = read_labels(truth).shape
+        return {k: np.zeros(shape, bool) for k in ARTEFACTS}
+    with Image.open(truth.artefacts_path) as im:
+        bits = np.asarray(im, dtype=np.uint8)
+    return {k: (bits & (1 << i)) > 0 for i, k in enumerate(ARTEFACTS)}

@@ -15,6 +15,7 @@ chunks and each chunk costs one read.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -178,7 +179,9 @@ def _box_means(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
 class TileReader:
     """Reads the tiles of a grid chunk by chunk: one region read per chunk, cut into tiles.
 
-    Picklable (reopens its slide in each worker process). ``fast=True`` reads SVS/generic TIFF
+    Picklable (reopens its slide in each worker process), and fork-safe: a forked process reopens
+    the files before its first read instead of sharing the parent's handles and file offsets.
+    ``fast=True`` reads SVS/generic TIFF
     through tiffslide (tifffile + libjpeg-turbo) once a probe region matched OpenSlide's pixels
     within 1 grey level on average; OpenSlide otherwise.
     """
@@ -191,6 +194,7 @@ class TileReader:
         self._level_origins = grid.level_origins()
         self.backend = slide.backend
         self._source = slide
+        self._pid = os.getpid()
         if fast and slide.backend == "openslide" and slide.vendor in ("aperio", "generic-tiff") and len(grid):
             candidate = open_slide(slide.path, backend="tiffslide", mpp=slide.mpp)
             if self._probe_matches(candidate):
@@ -210,6 +214,15 @@ class TileReader:
             return False
         return float(np.abs(a - b).mean()) <= self.MAX_PROBE_MAD
 
+    def _reader(self) -> Slide:
+        """The slide to read from, reopened once in a process other than the one that opened it."""
+        if os.getpid() != self._pid:
+            fast = self._source is not self.slide
+            self.slide = self.slide.reopen()
+            self._source = open_slide(self.slide.path, backend="tiffslide", mpp=self.slide.mpp) if fast else self.slide
+            self._pid = os.getpid()
+        return self._source
+
     def __reduce__(self) -> tuple:
         return (_rebuild_reader, (self.slide, self.grid, self._source is not self.slide))
 
@@ -220,7 +233,7 @@ class TileReader:
         size = self.grid.level_tile_px
         x0, y0 = origins.min(axis=0)
         x1, y1 = origins.max(axis=0) + size
-        region = self._source.read_level(self.grid.read_level, (int(x0), int(y0)), (int(x1 - x0), int(y1 - y0)))
+        region = self._reader().read_level(self.grid.read_level, (int(x0), int(y0)), (int(x1 - x0), int(y1 - y0)))
         tiles = np.empty((stop - start, self.grid.tile_px, self.grid.tile_px, 3), np.uint8)
         for i, (x, y) in enumerate(origins - (x0, y0)):
             tiles[i] = self._to_tile(region[y:y + size, x:x + size])
@@ -232,7 +245,7 @@ class TileReader:
         out = np.empty((len(indices), self.grid.tile_px, self.grid.tile_px, 3), np.uint8)
         for i, index in enumerate(indices):
             x, y = self._level_origins[int(index)]
-            out[i] = self._to_tile(self._source.read_level(self.grid.read_level, (int(x), int(y)), (size, size)))
+            out[i] = self._to_tile(self._reader().read_level(self.grid.read_level, (int(x), int(y)), (size, size)))
         return out
 
     def iter_chunks(self, chunks: range | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -1,0 +1,47 @@
+"""The zarr tile store: create, fill, finalize, resume, reject stale metadata."""
+from __future__ import annotations
+
+import numpy as np
+
+from wsi_response.store import open_tile_store, read_tile_store
+
+
+class _Grid:  # the attributes the store reads from a TileGrid
+    def __init__(self, n_chunks: int = 3, per_chunk: int = 5) -> None:
+        self.chunk_starts = np.arange(n_chunks + 1, dtype=np.int64) * per_chunk
+        n = n_chunks * per_chunk
+        self.cols_rows = np.stack([np.arange(n), np.zeros(n)], 1).astype(np.int32)
+        self.origins_l0 = self.cols_rows * 10.0
+        self.tissue_fraction = np.ones(n, np.float32)
+        self.n_chunks = n_chunks
+
+    def __len__(self) -> int:
+        return len(self.cols_rows)
+
+
+META = {"model_sha256": "abc", "class_names": ["a", "b", "c", "d"], "tile_px": 224}
+
+
+def test_fill_resume_finalize_and_stale(tmp_path):
+    grid, path = _Grid(), tmp_path / "tiles.zarr"
+    store = open_tile_store(path, META, grid)
+    assert not store.complete and not store.done.any()
+    p0 = np.full((5, 4), 0.25, np.float32)
+    store.write_chunk(0, p0)
+    assert (tmp_path / "tiles.zarr.partial").is_dir() and not path.exists()
+
+    resumed = open_tile_store(path, META, grid)  # same metadata: resumes
+    assert resumed.done.tolist() == [True, False, False]
+    np.testing.assert_array_equal(resumed.chunk_probs(0), p0)
+    for k in (1, 2):
+        resumed.write_chunk(k, np.full((5, 4), k, np.float32))
+    assert resumed.finalize() == path and path.is_dir() and not (tmp_path / "tiles.zarr.partial").exists()
+    preds, attrs = read_tile_store(path)
+    assert preds.probs.shape == (15, 4) and attrs["complete"] is True and attrs["model_sha256"] == "abc"
+    np.testing.assert_array_equal(preds.probs[10:], 2.0)
+
+    again = open_tile_store(path, META, grid)
+    assert again.complete and again.done.all()
+
+    stale = open_tile_store(path, {**META, "model_sha256": "other"}, grid)  # other model: recomputed
+    assert not stale.complete and not stale.done.any() and not path.exists()

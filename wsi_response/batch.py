@@ -1,0 +1,555 @@
+"""Batch runs over a manifest: sharding, resume, per-slide status, isolated worker processes.
+
+Manifest: a CSV with the header ``specimen_id,slide_path`` (more columns are ignored); relative
+slide paths are relative to the manifest's folder. A row listed twice is a usage error; rows whose
+file is missing are reported up front and recorded as failed slides, so the rest still runs.
+
+- **Unit of work**: one slide (one row). Task ``i`` of ``N`` takes rows ``i, i+N, i+2N, ...`` of
+  the manifest as given (round-robin, so every task gets a similar mix). Slide ids come from
+  :func:`~wsi_response.pipeline.unique_slide_ids` over *all* rows of a specimen, so every task
+  names every slide the same way.
+- **Done**: a ``slide.json`` with status ``ok``/``ok_empty`` whose ``path``, ``source`` (file size
+  and mtime), model sha256 and ``config_sha256`` match the current ones. Done slides are skipped;
+  changed ones are redone; failed ones are retried on every run (a lost mount gets another
+  chance; a corrupt file fails again in seconds). A slide's old ``slide.json`` is removed before it
+  is redone, and the pipeline writes the new one last and atomically, so an abandoned slide never
+  counts as done (its finished tile chunks are kept in the tile store and reused).
+- **Isolation**: slides run in worker processes (``spawn``), one slide at a time each; the
+  classifier is loaded once per worker. A worker that dies (a segfault in a codec, the OOM killer)
+  has its slide recorded as failed and is replaced; the next slide is unaffected.
+- **Devices**: ``gpus`` (``"all"`` or a count) pins one worker per visible GPU through
+  ``CUDA_VISIBLE_DEVICES``; ``workers`` sets the number of worker processes (default: one per
+  GPU, else one). CPU threads are split evenly between workers.
+- **Signals**: SIGUSR1 (SLURM's time-limit warning), SIGTERM and SIGINT abandon the slides in
+  progress at once, keep every finished slide and end the run (exit 128 + signal number); running
+  the same command again continues.
+- **Aggregation**: at the end of a task, every specimen of its shard whose slides all have a
+  current ``slide.json`` (ok or failed) is aggregated. :func:`finalize_batch` (``--aggregate-only``,
+  the SLURM follow-up job, and the end of an unsharded run) aggregates every complete specimen
+  and writes ``DIR/batch-summary.json``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+import signal
+import statistics
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .atomic import write_json_atomic
+from .config import Config
+from .errors import ConfigError, OutputError, SlideReadError, WsiResponseError
+from .pipeline import (aggregate_specimen, check_writable, config_sha256, process_slide, raise_if_environment,
+                       record_failure, source_fingerprint, unique_slide_ids)
+
+__all__ = ["SlideTask", "BatchResult", "read_manifest", "missing_slides", "shard", "task_from_env",
+           "worker_devices", "current_record", "run_batch", "finalize_batch", "SUMMARY_NAME"]
+
+MANIFEST_COLUMNS = ("specimen_id", "slide_path")
+SUMMARY_NAME = "batch-summary.json"
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class SlideTask:
+    """One manifest row: a slide of a specimen, with its (specimen-unique) slide id."""
+
+    specimen_id: str
+    slide_id: str
+    path: Path   # absolute
+    line: int    # line in the manifest (the header is line 1)
+
+    def slide_dir(self, out_dir: Path) -> Path:
+        return out_dir / self.specimen_id / "slides" / self.slide_id
+
+
+@dataclass
+class BatchResult:
+    """What one ``run_batch`` call did; ``statuses`` maps each slide it ran to ok/ok_empty/failed."""
+
+    tasks: list[SlideTask]
+    skipped: list[SlideTask] = field(default_factory=list)
+    statuses: dict[SlideTask, str] = field(default_factory=dict)
+    aggregated: list[str] = field(default_factory=list)
+    stopped_by: int | None = None   # signal number that ended the run early
+
+    @property
+    def failed(self) -> list[SlideTask]:
+        return [t for t, s in self.statuses.items() if s == "failed"]
+
+
+# --------------------------------------------------------------------------- manifest and shards
+
+
+def read_manifest(path: str | os.PathLike) -> list[SlideTask]:
+    """Rows of a manifest CSV as :class:`SlideTask` (absolute paths, specimen-unique slide ids).
+
+    Raises :class:`ConfigError` (one line naming the file) for a missing header, empty fields, a
+    specimen id that is not a folder name, or rows listed twice (all of them named).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")   # Excel writes a BOM
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the manifest ({exc})") from None
+    rows = csv.reader(text.splitlines())
+    header = [h.strip() for h in next(rows, [])]
+    if not set(MANIFEST_COLUMNS) <= set(header):
+        raise ConfigError(f"{path}: the first line must be the header 'specimen_id,slide_path' (got {','.join(header)!r})")
+    ispec, ipath = header.index("specimen_id"), header.index("slide_path")
+    entries: list[tuple[str, Path, int]] = []
+    for line, row in enumerate(rows, start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        specimen = row[ispec].strip() if ispec < len(row) else ""
+        slide = row[ipath].strip() if ipath < len(row) else ""
+        if not specimen or not slide:
+            raise ConfigError(f"{path}: line {line}: empty specimen_id or slide_path")
+        if specimen in (".", "..") or "/" in specimen or "\\" in specimen:
+            raise ConfigError(f"{path}: line {line}: specimen_id {specimen!r} is not a folder name")
+        entries.append((specimen, Path(os.path.abspath(path.parent / Path(slide).expanduser())), line))
+    if not entries:
+        raise ConfigError(f"{path}: the manifest lists no slide")
+    first: dict[tuple[str, Path], int] = {}
+    duplicates = []
+    for specimen, slide, line in entries:
+        if (specimen, slide) in first:
+            duplicates.append(f"line {line} repeats line {first[specimen, slide]} ({specimen}, {slide})")
+        first.setdefault((specimen, slide), line)
+    if duplicates:
+        raise ConfigError(f"{path}: {len(duplicates)} duplicated row(s): " + "; ".join(duplicates))
+    by_specimen: dict[str, list[int]] = {}
+    for i, (specimen, _, _) in enumerate(entries):
+        by_specimen.setdefault(specimen, []).append(i)
+    slide_ids: dict[int, str] = {}
+    for indices in by_specimen.values():
+        slide_ids.update(zip(indices, unique_slide_ids([entries[i][1] for i in indices])))
+    return [SlideTask(specimen, slide_ids[i], slide, line) for i, (specimen, slide, line) in enumerate(entries)]
+
+
+def missing_slides(tasks: Iterable[SlideTask]) -> list[SlideTask]:
+    """Rows whose slide file (or folder, for DICOM) does not exist."""
+    return [t for t in tasks if not t.path.exists()]
+
+
+def shard(tasks: Sequence[SlideTask], index: int, count: int) -> list[SlideTask]:
+    """Rows ``index, index+count, ...``: task ``index`` (0-based) of ``count`` (round-robin)."""
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(f"task index {index} is not in 0..{count - 1} (task count {count})")
+    return list(tasks[index::count])
+
+
+def task_from_env(environ: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
+    """``(index, count)`` of this SLURM array task (0-based, minus ``SLURM_ARRAY_TASK_MIN``,
+    divided by the step), or None outside a job array."""
+    if "SLURM_ARRAY_TASK_ID" not in environ:
+        return None
+    try:
+        task_id = int(environ["SLURM_ARRAY_TASK_ID"])
+        count = int(environ["SLURM_ARRAY_TASK_COUNT"])
+        first = int(environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        step = int(environ.get("SLURM_ARRAY_TASK_STEP", "1") or 1)
+    except (KeyError, ValueError):
+        raise ConfigError("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT/MIN are missing or not numbers; "
+                          "pass --task-index and --task-count") from None
+    index, rest = divmod(task_id - first, step)
+    if rest or not 0 <= index < count:
+        raise ConfigError(f"SLURM array task {task_id} (min {first}, step {step}, count {count}) is not a "
+                          "contiguous index; pass --task-index and --task-count")
+    return index, count
+
+
+def worker_devices(gpus: str | None, workers: int | None, visible: Sequence[str]) -> list[str | None]:
+    """``CUDA_VISIBLE_DEVICES`` of each worker process (None: not pinned, the config's device).
+
+    ``gpus``: None (no pinning), ``"all"`` (every id in ``visible``) or a count; ``workers``
+    defaults to the number of GPUs used (1 without GPUs); workers share GPUs round-robin.
+    """
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers {workers}: need at least 1")
+    if gpus is None:
+        return [None] * (workers or 1)
+    if gpus == "all":
+        ids = list(visible)
+    else:
+        try:
+            n = int(gpus)
+        except ValueError:
+            raise ConfigError(f"--gpus {gpus!r}: expected 'all' or a number") from None
+        if n < 1 or n > len(visible):
+            raise ConfigError(f"--gpus {n}: {len(visible)} GPU(s) visible (CUDA_VISIBLE_DEVICES="
+                              f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+        ids = list(visible[:n])
+    if not ids:
+        raise ConfigError("--gpus all: no GPU is visible (CUDA_VISIBLE_DEVICES="
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use --device cpu --workers N")
+    return [ids[i % len(ids)] for i in range(workers or len(ids))]
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this process may use: ``CUDA_VISIBLE_DEVICES`` when set (SLURM sets it), else torch's count."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+# --------------------------------------------------------------------------- status and resume
+
+
+def current_record(out_dir: Path, task: SlideTask, model_sha256: str | None, cfg_sha256: str) -> dict[str, Any] | None:
+    """The slide's ``slide.json`` if it belongs to the current slide file, model and config, else None."""
+    try:
+        record = json.loads((task.slide_dir(out_dir) / "slide.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    matches = (record.get("path") == str(task.path)
+               and record.get("config_sha256") == cfg_sha256
+               and (record.get("model") or {}).get("sha256") == model_sha256
+               and (record.get("status") == "failed" or record.get("source") == source_fingerprint(task.path)))
+    return record if matches else None
+
+
+def _is_done(out_dir: Path, task: SlideTask, model_sha256: str | None, cfg_sha256: str) -> bool:
+    record = current_record(out_dir, task, model_sha256, cfg_sha256)
+    return record is not None and record["status"] in ("ok", "ok_empty")
+
+
+def _aggregate_complete(tasks: Sequence[SlideTask], specimens: Iterable[str], out_dir: Path,
+                        model_sha256: str | None, cfg_sha256: str) -> list[str]:
+    """Aggregate each of ``specimens`` whose every slide has a current record; returns those ids."""
+    done = []
+    for specimen in dict.fromkeys(specimens):
+        rows = [t for t in tasks if t.specimen_id == specimen]
+        if all(current_record(out_dir, t, model_sha256, cfg_sha256) for t in rows):
+            aggregate_specimen(out_dir / specimen, specimen, slide_ids=[t.slide_id for t in rows])
+            done.append(specimen)
+    return done
+
+
+# --------------------------------------------------------------------------- worker processes
+
+
+def _worker_main(conn: Connection, model_path: Path, model_sha256: str | None, cfg: Config,
+                 cuda_visible: str | None, threads: int, out_dir: Path) -> None:
+    """Worker process: load the classifier once, then run the slides the parent sends, one at a time."""
+    for sig in STOP_SIGNALS:      # the parent decides when to stop and kills the worker
+        signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent()
+    if cuda_visible is not None:  # before torch initialises CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible
+    try:
+        import torch
+
+        from .classifier import load_classifier
+
+        torch.set_num_threads(threads)
+        classifier = load_classifier(model_path, cfg.tiling)
+        if classifier.sha256 != model_sha256:
+            raise OutputError(model_path, "the model file changed while the batch was starting")
+    except Exception as exc:
+        conn.send(("setup_error", str(exc)))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            task: SlideTask | None = conn.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        slide_dir = task.slide_dir(out_dir)
+        try:
+            record = process_slide(task.path, task.slide_id, slide_dir, classifier, cfg)
+        except Exception as exc:
+            try:
+                raise_if_environment(exc, out_dir)
+                record = record_failure(task.path, task.slide_id, slide_dir, classifier, cfg, exc)
+            except OutputError as env:
+                conn.send(("environment", (str(env.path), env.problem)))
+                return
+        conn.send(("done", {k: record.get(k) for k in ("status", "error", "n_tiles", "timing")}))
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies (no orphan keeps computing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class _Worker:
+    process: Any
+    conn: Connection
+    task: SlideTask | None = None
+    ready: bool = False
+
+
+class _Pool:
+    """Worker processes, one slide in flight each; replaces a worker that dies."""
+
+    def __init__(self, devices: Sequence[str | None], model_path: Path, model_sha256: str | None, cfg: Config,
+                 out_dir: Path) -> None:
+        self._ctx = multiprocessing.get_context("spawn")
+        threads = max(1, _cpu_count() // len(devices))
+        self._args = [(model_path, model_sha256, _pinned(cfg, d), d, threads, out_dir) for d in devices]
+        self.workers = [self._start(i) for i in range(len(devices))]
+
+    def _start(self, slot: int) -> _Worker:
+        parent, child = self._ctx.Pipe()
+        process = self._ctx.Process(target=_worker_main, args=(child, *self._args[slot]), name=f"wsi-response-worker-{slot}")
+        process.start()
+        child.close()
+        return _Worker(process, parent)
+
+    def restart(self, slot: int) -> None:
+        self._stop(self.workers[slot])
+        self.workers[slot] = self._start(slot)
+
+    def wait(self, timeout: float) -> list[int]:
+        """Slots with a message or a dead process."""
+        handles = {}
+        for slot, w in enumerate(self.workers):
+            handles[w.conn] = slot
+            handles[w.process.sentinel] = slot
+        return sorted({handles[h] for h in wait(list(handles), timeout)})
+
+    @staticmethod
+    def _stop(worker: _Worker) -> None:
+        if worker.process.is_alive():
+            worker.process.kill()
+        worker.process.join()
+        worker.conn.close()
+
+    def close(self) -> None:
+        for w in self.workers:
+            self._stop(w)
+
+
+def _pinned(cfg: Config, cuda_visible: str | None) -> Config:
+    return cfg if cuda_visible is None else replace(cfg, inference=replace(cfg.inference, device="cuda"))
+
+
+def _cpu_count() -> int:
+    """CPUs this process may use (SLURM's allocation where it says so)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return min(n, int(slurm)) if slurm.isdigit() and int(slurm) > 0 else n
+
+
+def _death_message(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        hint = " (out of memory?)" if -exitcode == signal.SIGKILL else " (a crash in a slide codec?)"
+        return f"the worker process died by {name} while processing this slide{hint}"
+    return f"the worker process exited with code {exitcode} while processing this slide"
+
+
+# --------------------------------------------------------------------------- running a batch
+
+
+class _StopFlag:
+    """Records the first stop signal; installs and restores the handlers."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def run_batch(tasks: Sequence[SlideTask], out_dir: Path, classifier: Any, cfg: Config, *, task_index: int = 0,
+              task_count: int = 1, gpus: str | None = None, workers: int | None = None,
+              quiet: bool = False) -> BatchResult:
+    """Run shard ``task_index`` of ``task_count`` of ``tasks`` into ``out_dir`` (see the module doc).
+
+    ``classifier`` must have been loaded from a file (``classifier.path``); workers reload it.
+    Raises :class:`OutputError` when the output cannot be written (the run stops).
+    """
+    out_dir = Path(out_dir)
+    mine = shard(tasks, task_index, task_count)
+    check_writable(out_dir)
+    model_sha, cfg_sha = classifier.sha256, config_sha256(cfg)
+    result = BatchResult(tasks=mine)
+    todo = []
+    for task in mine:
+        (result.skipped if _is_done(out_dir, task, model_sha, cfg_sha) else todo).append(task)
+    log = _Log(len(mine), len(result.skipped), quiet)
+    if todo:
+        devices = worker_devices(gpus, workers, visible_gpus() if gpus is not None else [])
+        with _StopFlag() as stop:
+            _run_pool(todo, out_dir, classifier, cfg, devices[:len(todo)], result, stop, log)
+            result.stopped_by = stop.signum
+    log.close()
+    if result.stopped_by is None:
+        result.aggregated = _aggregate_complete(tasks, (t.specimen_id for t in mine), out_dir, model_sha, cfg_sha)
+    return result
+
+
+def _run_pool(todo: list[SlideTask], out_dir: Path, classifier: Any, cfg: Config, devices: list[str | None],
+              result: BatchResult, stop: _StopFlag, log: _Log) -> None:
+    pending = list(reversed(todo))
+    pool = _Pool(devices, Path(classifier.path), classifier.sha256, cfg, out_dir)
+    try:
+        while (pending or any(w.task for w in pool.workers)) and stop.signum is None:
+            for w in pool.workers:
+                if w.ready and w.task is None and pending:
+                    w.task = pending.pop()
+                    (w.task.slide_dir(out_dir) / "slide.json").unlink(missing_ok=True)
+                    w.conn.send(w.task)
+            for slot in pool.wait(_POLL_S):
+                w = pool.workers[slot]
+                while w.conn.poll():
+                    try:
+                        kind, payload = w.conn.recv()
+                    except EOFError:
+                        break
+                    if kind == "ready":
+                        w.ready = True
+                    elif kind == "setup_error":
+                        raise WsiResponseError(f"worker process could not start: {payload}")
+                    elif kind == "environment":
+                        raise OutputError(*payload)
+                    else:
+                        result.statuses[w.task] = payload["status"]
+                        log.slide(w.task, payload)
+                        w.task = None
+                if not w.process.is_alive() and stop.signum is None:
+                    if not w.ready:
+                        raise WsiResponseError(f"worker process exited during start-up ({_death_message(w.process.exitcode)})")
+                    if w.task is not None:
+                        _record_crash(w.task, out_dir, classifier, cfg, w.process.exitcode, result, log)
+                        w.task = None
+                    pool.restart(slot)
+    finally:
+        pool.close()
+
+
+def _record_crash(task: SlideTask, out_dir: Path, classifier: Any, cfg: Config, exitcode: int | None,
+                  result: BatchResult, log: _Log) -> None:
+    if _is_done(out_dir, task, classifier.sha256, config_sha256(cfg)):   # died after writing slide.json
+        result.statuses[task] = "ok"
+        return
+    error = SlideReadError(task.path, _death_message(exitcode))
+    record = record_failure(task.path, task.slide_id, task.slide_dir(out_dir), classifier, cfg, error)
+    result.statuses[task] = "failed"
+    log.slide(task, record)
+
+
+class _Log:
+    """Slides-per-task progress bar (on a terminal) and one stderr line per finished slide."""
+
+    def __init__(self, total: int, skipped: int, quiet: bool) -> None:
+        from tqdm import tqdm
+
+        self.quiet, self.total, self.n = quiet, total, skipped
+        self.bar = tqdm(total=total, initial=skipped, desc="slides", unit="slide", file=sys.stderr,
+                        disable=quiet or not sys.stderr.isatty())
+        if skipped and not quiet:
+            self._write(f"{skipped} of {total} slides already done (same slide file, model and config): skipped")
+
+    def slide(self, task: SlideTask, record: Mapping[str, Any]) -> None:
+        self.n += 1
+        self.bar.update(1)
+        where = f"[{self.n}/{self.total}] {task.specimen_id}/{task.slide_id}"
+        if record["status"] == "failed":
+            self._write(f"{where}: FAILED: {record['error']}")
+        elif not self.quiet:
+            total_s = (record.get("timing") or {}).get("total_s")
+            self._write(f"{where}: {record['status']}, {record.get('n_tiles')} tiles"
+                        + (f", {total_s:.1f} s" if total_s is not None else ""))
+
+    def _write(self, line: str) -> None:
+        self.bar.write(f"wsi-response: {line}", file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def finalize_batch(tasks: Sequence[SlideTask], out_dir: Path, model_sha256: str | None, cfg: Config,
+                   manifest: Path | None = None) -> dict[str, Any]:
+    """Aggregate every complete specimen and write ``out_dir/batch-summary.json``; returns it.
+
+    Slides are ``ok``/``ok_empty``/``failed`` by their current ``slide.json``, else ``not_done``
+    (never run, abandoned, or outdated by a changed slide file, model or config).
+    """
+    out_dir = Path(out_dir)
+    check_writable(out_dir)
+    cfg_sha = config_sha256(cfg)
+    aggregated = set(_aggregate_complete(tasks, (t.specimen_id for t in tasks), out_dir, model_sha256, cfg_sha))
+    slides, timings, tiles = [], [], []
+    for t in tasks:
+        record = current_record(out_dir, t, model_sha256, cfg_sha)
+        status = record["status"] if record else "not_done"
+        slides.append({"specimen_id": t.specimen_id, "slide_id": t.slide_id, "path": str(t.path),
+                       "status": status, "error": record.get("error") if record else None})
+        if record and (record.get("timing") or {}).get("total_s") is not None:
+            timings.append(float(record["timing"]["total_s"]))
+            tiles.append(int(record.get("n_tiles") or 0))
+    specimens = []
+    for specimen in dict.fromkeys(t.specimen_id for t in tasks):
+        entry: dict[str, Any] = {"specimen_id": specimen, "status": "incomplete"}
+        if specimen in aggregated:
+            result = json.loads((out_dir / specimen / "specimen.json").read_text(encoding="utf-8"))
+            entry.update(status=result["status"], viable_percent=result["viable_percent"],
+                         eortc_tier=(result.get("eortc") or {}).get("tier"))
+        specimens.append(entry)
+    summary = {
+        "manifest": str(manifest) if manifest else None,
+        "out": str(out_dir),
+        "model_sha256": model_sha256,
+        "config_sha256": cfg_sha,
+        "n_slides": len(tasks),
+        "counts": dict(Counter(s["status"] for s in slides)),
+        "failed": [s for s in slides if s["status"] == "failed"],
+        "not_done": [s for s in slides if s["status"] == "not_done"],
+        "specimens": specimens,
+        "timing": _timing_stats(timings, tiles),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json_atomic(out_dir / SUMMARY_NAME, summary)
+    return summary
+
+
+def _timing_stats(seconds: list[float], tiles: list[int]) -> dict[str, Any] | None:
+    """Per-slide wall time (s) and tiles of the finished slides, for sizing SLURM tasks."""
+    if not seconds:
+        return None
+    ordered = sorted(seconds)
+    return {
+        "slides": len(seconds),
+        "slide_total_s": {"median": round(statistics.median(seconds), 2),
+                          "p95": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 2),
+                          "max": round(ordered[-1], 2), "sum": round(sum(seconds), 2)},
+        "n_tiles": {"median": statistics.median(tiles), "max": max(tiles)},
+        "tiles_per_s": round(sum(tiles) / sum(seconds), 1) if sum(seconds) > 0 else None,
+    }

@@ -1,0 +1,278 @@
+"""The tile classifier: a timm CNN over RGB tiles, saved as one ``.safetensors`` file.
+
+Checkpoint format (``FORMAT``): a safetensors file whose tensors are the model's state dict and
+whose string metadata key ``"wsi_response"`` holds JSON::
+
+    format, arch, class_names, target_mpp (µm/px), tile_px, mean, std (input normalisation of
+    RGB in [0, 1]), weights_dtype, trained_on {...}, metrics {...}, software_version
+
+safetensors never executes code on load (no pickle). The file's sha256 identifies the model in
+every result. No creation time is stored, so the same training gives a byte-identical file.
+Backbones come from timm by name, always with ``pretrained=False`` (no downloads); local
+pretrained backbone weights can be given as a file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .classes import CLASSES
+from .config import TilingConfig
+from .errors import ConfigError, ModelError
+
+__all__ = [
+    "FORMAT",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Classifier",
+    "build_model",
+    "save_classifier",
+    "load_classifier",
+    "default_model_path",
+    "with_provenance",
+    "to_unit_float",
+    "tiles_to_numpy_probs",
+]
+
+FORMAT = "wsi-response-classifier/1"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_META_KEY = "wsi_response"
+_MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A model with everything needed to feed it and to describe it in results."""
+
+    model: nn.Module
+    arch: str
+    class_names: tuple[str, ...]
+    target_mpp: float                  # µm/px of the tiles it was trained on
+    tile_px: int                       # tile side at target_mpp, px
+    mean: tuple[float, float, float]   # per-channel mean of RGB in [0, 1]
+    std: tuple[float, float, float]
+    trained_on: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    software_version: str = __version__
+    path: Path | None = None           # file it was loaded from
+    sha256: str | None = None          # of that file
+
+    def metadata(self, weights_dtype: str = "float32") -> dict[str, Any]:
+        """The JSON stored in the checkpoint."""
+        return {
+            "format": FORMAT,
+            "arch": self.arch,
+            "class_names": list(self.class_names),
+            "target_mpp": self.target_mpp,
+            "tile_px": self.tile_px,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "weights_dtype": weights_dtype,
+            "trained_on": dict(self.trained_on),
+            "metrics": dict(self.metrics),
+            "software_version": self.software_version,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """The ``model`` block of ``specimen.json``."""
+        return {
+            "name": self.path.name if self.path else self.arch,
+            "sha256": self.sha256,
+            "arch": self.arch,
+            "classes": list(self.class_names),
+            "target_mpp": self.target_mpp,
+            "tile_px": self.tile_px,
+            "trained_on": dict(self.trained_on),
+        }
+
+    def check_compatible(self, tiling: TilingConfig) -> None:
+        """Raise ``ModelError`` naming every tiling field whose run value differs from the model's."""
+        problems = []
+        if not math.isclose(self.target_mpp, tiling.target_mpp, rel_tol=1e-6):
+            problems.append(f"tiling.target_mpp: model {self.target_mpp:g} µm/px, run {tiling.target_mpp:g} µm/px")
+        if self.tile_px != tiling.tile_px:
+            problems.append(f"tiling.tile_px: model {self.tile_px} px, run {tiling.tile_px} px")
+        if problems:
+            raise ModelError(self.path or self.arch,
+                             "does not match the run config (" + "; ".join(problems)
+                             + "); set these in the config or use a model trained for them")
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """RGB in [0, 1] ``(n, 3, h, w)`` -> the model's normalised input (in place)."""
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return x.sub_(mean).div_(std)
+
+
+def build_model(arch: str, num_classes: int = len(CLASSES), weights: str | os.PathLike | None = None) -> nn.Module:
+    """A timm ``arch`` with a ``num_classes`` head, random init (``pretrained=False``, no download).
+
+    ``weights``: a local ``.safetensors`` or ``.pth``/``.pt`` state dict of the backbone; its
+    classifier head is dropped when its shape does not fit. Raises ``ConfigError`` for an unknown
+    arch and ``ModelError`` for weights that do not fit the backbone.
+    """
+    import timm
+
+    if not timm.is_model(arch):
+        raise ConfigError(f"arch {arch!r}: not a timm model name (e.g. resnet18, resnet50, efficientnet_b0)")
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    if weights is not None:
+        _load_backbone_weights(model, Path(weights))
+    return model
+
+
+def _load_backbone_weights(model: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise ModelError(path, "no such weights file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+                state = state["state_dict"]
+    except Exception as exc:
+        raise ModelError(path, f"cannot read weights ({' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(state, dict):
+        raise ModelError(path, "weights file does not hold a state dict")
+    own = model.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    head = {n for n, _ in model.named_parameters() if n.startswith(_head_prefix(model))}
+    missing = [k for k in own if k not in fitting and k not in head and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ModelError(path, f"weights do not fit {type(model).__name__}: {len(missing)} backbone tensors "
+                         f"missing or of another shape (first: {missing[0]})")
+    model.load_state_dict(fitting, strict=False)
+
+
+def _head_prefix(model: nn.Module) -> str:
+    """State-dict prefix of the model's classifier head (timm's ``default_cfg['classifier']``)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(cfg.get("classifier", "fc"))
+
+
+def save_classifier(classifier: Classifier, path: str | os.PathLike, weights_dtype: str = "float32") -> str:
+    """Write ``classifier`` to ``path`` (temporary name, then rename); return the file's sha256.
+
+    ``weights_dtype`` "float16" halves the file; floating tensors are cast back to float32 on load.
+    """
+    from safetensors.torch import save
+
+    if weights_dtype not in ("float32", "float16"):
+        raise ValueError(f"weights_dtype must be float32 or float16, not {weights_dtype!r}")
+    dtype = getattr(torch, weights_dtype)
+    state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+             for k, v in classifier.model.state_dict().items()}
+    meta = json.dumps(classifier.metadata(weights_dtype), sort_keys=True, allow_nan=False)
+    data = save(state, metadata={_META_KEY: meta})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_classifier(path: str | os.PathLike, tiling: TilingConfig | None = None) -> Classifier:
+    """Load a checkpoint written by :func:`save_classifier` (no pickle, no download).
+
+    With ``tiling``, also :meth:`Classifier.check_compatible`. Every problem is a ``ModelError``
+    naming the file.
+    """
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(path, "no such model file")
+    data = path.read_bytes()
+    meta = _read_metadata(path, data)
+    try:
+        state = load(data)
+    except Exception as exc:
+        raise ModelError(path, f"corrupt safetensors data ({' '.join(str(exc).split())[:200]})") from None
+    try:
+        arch = str(meta["arch"])
+        class_names = tuple(str(c) for c in meta["class_names"])
+        target_mpp, tile_px = float(meta["target_mpp"]), int(meta["tile_px"])
+        mean = tuple(float(v) for v in meta["mean"])
+        std = tuple(float(v) for v in meta["std"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(path, f"checkpoint metadata lacks or garbles {exc}") from None
+    if class_names != CLASSES:
+        raise ModelError(path, f"model classes {list(class_names)} differ from {list(CLASSES)}")
+    if len(mean) != 3 or len(std) != 3:
+        raise ModelError(path, "checkpoint metadata: mean and std need 3 values (RGB)")
+    try:
+        model = build_model(arch, len(class_names))
+    except ConfigError as exc:
+        raise ModelError(path, str(exc)) from None
+    own = model.state_dict()
+    state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise ModelError(path, f"weights do not fit arch {arch!r}: {first}") from None
+    model.eval()
+    clf = Classifier(model=model, arch=arch, class_names=class_names, target_mpp=target_mpp, tile_px=tile_px,
+                     mean=mean, std=std, trained_on=meta.get("trained_on", {}), metrics=meta.get("metrics", {}),
+                     software_version=str(meta.get("software_version", "")), path=path,
+                     sha256=hashlib.sha256(data).hexdigest())
+    if tiling is not None:
+        clf.check_compatible(tiling)
+    return clf
+
+
+def _read_metadata(path: Path, data: bytes) -> dict[str, Any]:
+    """The JSON in the safetensors header's ``__metadata__``, checked for our format."""
+    if len(data) < 8:
+        raise ModelError(path, "not a safetensors file (too short)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n <= 0 or n > min(_MAX_HEADER_BYTES, len(data) - 8):
+        raise ModelError(path, "not a safetensors file (bad header length); .pth/.ckpt pickles are not loaded")
+    try:
+        header = json.loads(data[8:8 + n])
+        meta = json.loads(header["__metadata__"][_META_KEY])
+    except (ValueError, KeyError, TypeError):
+        raise ModelError(path, "safetensors file without wsi-response metadata (not a wsi-response model)") from None
+    if meta.get("format") != FORMAT:
+        raise ModelError(path, f"unsupported checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    return meta
+
+
+def with_provenance(classifier: Classifier, path: Path, sha256: str) -> Classifier:
+    """``classifier`` as saved at ``path`` with file hash ``sha256``."""
+    return replace(classifier, path=path, sha256=sha256)
+
+
+def default_model_path() -> Path:
+    """The bundled demonstration model (trained on synthetic slides only; not for clinical use)."""
+    return Path(__file__).resolve().parent.parent / "models" / "demo-lcnet050-synthetic.safetensors"
+
+
+def to_unit_float(tiles: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(n, h, w, 3)`` tiles -> float32 ``(n, 3, h, w)`` RGB in [0, 1] (same device)."""
+    return tiles.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def tiles_to_numpy_probs(logits: torch.Tensor) -> np.ndarray:
+    """Softmax of ``logits`` as float32 numpy ``(n, C)``."""
+    return torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float32, copy=False)

@@ -1,0 +1,329 @@
+"""``run_specimen``: the only module that calls every stage.
+
+Per slide (``process_slide``): open -> tissue mask -> tile grid -> CNN probabilities (resumable
+zarr store) -> class areas -> QuPath overlays -> PNGs -> ``slide.json``. Per specimen
+(``aggregate_specimen``): read every ``slide.json`` and tile store of the specimen folder and write
+``specimen.json`` and ``report.html``. ``run`` and ``aggregate`` share that one path, so a
+specimen rebuilt from shards equals a local run.
+
+A slide that fails gets a ``slide.json`` with ``status: "failed"`` and the one-line error; the
+other slides go on. Every file is written atomically (temporary name, then rename).
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from . import __version__
+from .atomic import write_atomic, write_json_atomic
+from .classes import CLASSES
+from .config import Config, config_to_dict
+from .errors import OutputError, WsiResponseError
+from .quantify import SlideAreas, slide_areas_from_tiles, specimen_areas
+from .report import heatmap_png, overlay_png, render_report
+from .slide import open_slide
+from .store import TilePredictions, read_tile_store
+from .tiling import tile_grid
+from .tissue import detect_tissue, read_overview
+
+__all__ = ["SCHEMA_VERSION", "unique_slide_ids", "process_slide", "record_failure", "aggregate_specimen",
+           "run_specimen", "check_writable", "raise_if_environment", "config_sha256", "source_fingerprint"]
+
+SCHEMA_VERSION = 1
+THUMBNAIL_MAX_PX = 1024
+SLIDE_STATUSES = ("ok", "ok_empty", "failed")
+
+Progress = Callable[[str, int, int], None]  # (slide_id, tiles done, tiles total)
+
+
+def unique_slide_ids(paths: Sequence[str | Path]) -> list[str]:
+    """Slide file stems, suffixed ``-2``, ``-3`` ... where two slides share a stem."""
+    seen: dict[str, int] = {}
+    ids = []
+    for path in paths:
+        stem = Path(path).name.split(".")[0] or "slide"
+        seen[stem] = seen.get(stem, 0) + 1
+        ids.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return ids
+
+
+def check_writable(out_dir: Path) -> None:
+    """Fail before any compute when ``out_dir`` cannot be created or written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{time.time_ns()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(out_dir, f"output folder is not writable ({exc.strerror or exc})") from None
+
+
+def raise_if_environment(error: BaseException, out_dir: Path) -> None:
+    """Re-raise as :class:`OutputError` when ``error`` is about the output disk, not the slide."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        raise OutputError(out_dir, f"cannot write results ({error.strerror}); stopping") from error
+
+
+RESULT_SECTIONS = ("tissue", "tiling", "qc")  # config sections the numbers depend on (not device, workers)
+
+
+def config_sha256(cfg: Config) -> str:
+    """Hash of the config sections that results depend on (resume and consistency checks)."""
+    full = config_to_dict(cfg)
+    relevant = {k: full[k] for k in RESULT_SECTIONS if k in full}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def source_fingerprint(path: str | Path) -> dict[str, int] | None:
+    """Size (bytes) and modification time (ns) of a slide file, to tell a changed file; None if unreadable."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return {"size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: Any, cfg: Config, *,
+                  mpp: float | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Run one slide end to end into ``slide_dir``; returns its ``slide.json`` record.
+
+    Raises :class:`WsiResponseError` for a bad slide (the caller records it as failed).
+    """
+    from .inference import predict
+    from .qupath import overlay_features, write_overlay, write_tiles
+    from .regions import class_regions
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    source = source_fingerprint(path)  # before reading: a file replaced meanwhile does not look done
+    slide = open_slide(path, mpp=mpp)
+    try:
+        overview = read_overview(slide, cfg.tissue.mask_mpp)
+        mask = detect_tissue(slide, cfg.tissue, overview)
+        grid = tile_grid(slide, mask, cfg.tiling)
+        timings["tissue_and_grid_s"] = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        slide_dir.mkdir(parents=True, exist_ok=True)
+        if len(grid):
+            predictions = predict(
+                slide, grid, classifier, batch_size=cfg.inference.batch_size,
+                num_workers=cfg.inference.num_workers, device=cfg.inference.device,
+                store=slide_dir / "tiles.zarr",
+                progress=(lambda done, total: progress(slide_id, done, total)) if progress else None)
+        else:
+            predictions = TilePredictions(np.zeros((0, len(CLASSES)), np.float32), CLASSES)
+        timings["inference_s"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        areas = slide_areas_from_tiles(predictions.probs, predictions.class_names, grid.tissue_fraction,
+                                       grid.cell_area_mm2)
+        labels = predictions.labels
+        regions = class_regions(grid, labels, mask, predictions.class_names)
+        mean_probability = {
+            name: (float(np.average(predictions.probs[labels == i, i], weights=grid.tissue_fraction[labels == i]))
+                   if (labels == i).any() else None)
+            for i, name in enumerate(predictions.class_names)}
+        offset = slide.bounds_offset_l0
+        write_overlay(slide_dir / "overlay.geojson",
+                      overlay_features(regions, mean_probability, slide.mpp, offset))
+        write_tiles(slide_dir / "tiles.geojson.gz", slide_id, grid, predictions.probs, predictions.class_names, offset)
+
+        thumb_ds = max(slide.dimensions_px) / THUMBNAIL_MAX_PX
+        thumbnail = read_overview(slide, max(slide.mpp, slide.mpp * thumb_ds)).image
+        thumb_ds = max(1.0, thumb_ds)
+        write_atomic(slide_dir / "overlay.png",
+                     overlay_png(thumbnail, thumb_ds, grid, labels, mask, predictions.class_names))
+        viable = predictions.class_names.index("viable_tumor")
+        write_atomic(slide_dir / "heatmap_viable_tumor.png",
+                     heatmap_png(thumbnail, thumb_ds, grid, predictions.probs[:, viable], mask, "Viable tumor"))
+        timings["export_s"] = time.perf_counter() - t2
+        timings["total_s"] = time.perf_counter() - t0
+
+        status = "ok" if len(grid) else "ok_empty"
+        record = _slide_record(slide_id, Path(path), status, None, classifier, cfg, source)
+        record.update({
+            "backend": slide.backend,
+            "mpp": slide.mpp,
+            "mpp_source": slide.mpp_source,
+            "objective_power": slide.objective_power,
+            "dimensions_px": list(slide.dimensions_px),
+            "bounds_offset_l0": list(offset),
+            **_area_fields(areas),
+            "n_tiles": len(grid),
+            "grid": {"read_mpp": grid.read_mpp, "tile_px": grid.tile_px, "stride_px": grid.stride_px,
+                     "read_level": grid.read_level, "cell_area_mm2": grid.cell_area_mm2},
+            "tissue_mask_area_mm2": mask.area_mm2,
+            "timing": {k: round(v, 3) for k, v in timings.items()},
+            "outputs": {name: name for name in ("overlay.geojson", "tiles.geojson.gz", "tiles.zarr",
+                                                "overlay.png", "heatmap_viable_tumor.png")
+                        if (slide_dir / name).exists()},
+        })
+    finally:
+        slide.close()
+    write_json_atomic(slide_dir / "slide.json", record)
+    return record
+
+
+def _area_fields(areas: SlideAreas) -> dict[str, Any]:
+    fields = areas.to_dict()
+    return {k: fields[k] for k in ("tissue_area_mm2", "areas_mm2", "tumor_bed_area_mm2", "viable_percent",
+                                   "necrosis_percent", "fibrosis_percent")}
+
+
+def _slide_record(slide_id: str, path: Path, status: str, error: str | None, classifier: Any,
+                  cfg: Config, source: dict[str, int] | None) -> dict[str, Any]:
+    return {
+        "slide_id": slide_id,
+        "path": str(path),
+        "source": source,
+        "status": status,
+        "error": error,
+        "software": {"version": __version__},
+        "model": classifier.describe(),
+        "config": config_to_dict(cfg),
+        "config_sha256": config_sha256(cfg),
+        "qc": {"flags": [], "reportable": status == "ok"},
+    }
+
+
+def record_failure(path: str | Path, slide_id: str, slide_dir: Path, classifier: Any, cfg: Config,
+                   error: BaseException) -> dict[str, Any]:
+    """Write and return the ``slide.json`` of a slide that failed, with the one-line error."""
+    message = str(error) if isinstance(error, WsiResponseError) else f"{Path(path)}: {type(error).__name__}: {error}"
+    record = _slide_record(slide_id, Path(path), "failed", " ".join(message.split()), classifier, cfg,
+                           source_fingerprint(path))
+    record["traceback"] = None if isinstance(error, WsiResponseError) else "".join(
+        traceback.format_exception(type(error), error, error.__traceback__))
+    write_json_atomic(slide_dir / "slide.json", record)
+    return record
+
+
+def aggregate_specimen(specimen_dir: Path, specimen_id: str, *,
+                       slide_ids: Sequence[str] | None = None) -> dict[str, Any]:
+    """(Re)build ``specimen.json`` and ``report.html`` from the per-slide outputs in ``specimen_dir``.
+
+    ``slide_ids`` limits (and orders) the slides; by default every ``slides/*/slide.json``.
+    The specimen numbers use the tile stores, so they equal those of a single local run.
+    """
+    slides_dir = specimen_dir / "slides"
+    if slide_ids is None:
+        slide_ids = sorted(p.parent.name for p in slides_dir.glob("*/slide.json"))
+    records = [json.loads((slides_dir / sid / "slide.json").read_text()) for sid in slide_ids]
+    usable = [r for r in records if r["status"] in ("ok", "ok_empty")]
+    tile_areas = [_stored_areas(slides_dir / r["slide_id"], r) for r in usable]
+    specimen = specimen_areas(tile_areas)
+    model = next((r["model"] for r in records), {})
+    failed = [r for r in records if r["status"] == "failed"]
+    status = "failed" if not usable else ("partial" if failed else "ok")
+    flags = []
+    if failed:
+        flags.append(f"specimen has {len(failed)} failed slide{'s' if len(failed) > 1 else ''} of {len(records)}")
+    models = {r["model"].get("sha256") for r in records}
+    if len(models) > 1:
+        flags.append(f"slides were scored with {len(models)} different models")
+    configs = {r["config_sha256"] for r in records}
+    if len(configs) > 1:
+        flags.append(f"slides were scored with {len(configs)} different configurations")
+    if "synthetic" in json.dumps(model.get("trained_on", "")).lower():
+        flags.append("demonstration model trained on synthetic slides; not for clinical use")
+    reportable = (status != "failed" and specimen.viable_percent is not None
+                  and len(models) == 1 and len(configs) == 1)
+    result = {
+        "specimen_id": specimen_id,
+        "status": status,
+        "schema_version": SCHEMA_VERSION,
+        "software": {"version": __version__},
+        "model": model,
+        "config": records[0]["config"] if records else None,
+        "classes": list(CLASSES),
+        **{k: v for k, v in specimen.to_dict().items()},
+        "qc": {"flags": flags, "reportable": reportable},
+        "slides": [_specimen_slide_entry(r) for r in records],
+    }
+    write_json_atomic(specimen_dir / "specimen.json", result)
+    images = {r["slide_id"]: {name: (slides_dir / r["slide_id"] / name).read_bytes()
+                              for name in ("overlay.png", "heatmap_viable_tumor.png")
+                              if (slides_dir / r["slide_id"] / name).exists()}
+              for r in usable}
+    write_atomic(specimen_dir / "report.html", render_report(result, images).encode("utf-8"))
+    return result
+
+
+_SLIDE_ENTRY_KEYS = ("slide_id", "path", "status", "error", "backend", "mpp", "mpp_source", "dimensions_px",
+                     "tissue_area_mm2", "areas_mm2", "tumor_bed_area_mm2", "viable_percent", "qc", "outputs")
+
+
+def _specimen_slide_entry(record: Mapping[str, Any]) -> dict[str, Any]:
+    entry = {k: record.get(k) for k in _SLIDE_ENTRY_KEYS}
+    entry["outputs"] = {k: f"slides/{record['slide_id']}/{v}" for k, v in (record.get("outputs") or {}).items()}
+    return entry
+
+
+def _stored_areas(slide_dir: Path, record: Mapping[str, Any]) -> SlideAreas:
+    """Slide areas from the tile store (probabilities and tissue fractions as written)."""
+    cell_area = float(record["grid"]["cell_area_mm2"]) if record.get("grid") else 0.0
+    if not record.get("n_tiles"):
+        return slide_areas_from_tiles(np.zeros((0, len(CLASSES)), np.float32), CLASSES, np.zeros(0, np.float32),
+                                      cell_area)
+    predictions, arrays = read_tile_store(slide_dir / "tiles.zarr")
+    return slide_areas_from_tiles(predictions.probs, predictions.class_names, arrays["tissue_fraction"], cell_area)
+
+
+def run_specimen(paths: Sequence[str | Path], specimen_id: str, out_dir: Path, classifier: Any, cfg: Config, *,
+                 mpp: float | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Score every slide of one specimen and aggregate; a failing slide is recorded and skipped."""
+    specimen_dir = Path(out_dir) / specimen_id
+    check_writable(specimen_dir)
+    ids = unique_slide_ids(paths)
+    progress = None if quiet else _stderr_progress(len(paths))
+    for index, (path, slide_id) in enumerate(zip(paths, ids)):
+        slide_dir = specimen_dir / "slides" / slide_id
+        if progress:
+            progress.start_slide(index, slide_id)
+        try:
+            process_slide(path, slide_id, slide_dir, classifier, cfg, mpp=mpp,
+                          progress=progress.tiles if progress else None)
+        except Exception as exc:  # a bad slide is recorded and skipped; the environment stops the run
+            raise_if_environment(exc, specimen_dir)
+            record = record_failure(path, slide_id, slide_dir, classifier, cfg, exc)
+            print(f"wsi-response: slide failed: {record['error']}", file=sys.stderr)
+    if progress:
+        progress.done()
+    return aggregate_specimen(specimen_dir, specimen_id, slide_ids=ids)
+
+
+class _stderr_progress:
+    """Slides-per-specimen and tiles-per-slide progress on stderr (tqdm)."""
+
+    def __init__(self, n_slides: int) -> None:
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self.slides = tqdm(total=n_slides, desc="slides", unit="slide", file=sys.stderr, position=0)
+        self.bar: Any = None
+
+    def start_slide(self, index: int, slide_id: str) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.slides.update(1)
+        self.bar = self._tqdm(total=0, desc=slide_id, unit="tile", file=sys.stderr, position=1, leave=False)
+
+    def tiles(self, slide_id: str, done: int, total: int) -> None:
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+
+    def done(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.slides.update(1)
+        self.slides.close()
