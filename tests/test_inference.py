@@ -90,7 +90,8 @@ def test_killed_run_resumes_without_recomputing(setup, tmp_path, monkeypatch):
     assert sorted(read) == np.flatnonzero(~done_before).tolist()  # finished chunks were not recomputed
     full = predict(slide, grid, clf, num_workers=0, device="cpu")
     np.testing.assert_allclose(resumed.probs, full.probs, atol=1e-5)
-    stored, attrs = read_tile_store(store)
+    contents = read_tile_store(store)
+    stored, attrs = contents.predictions, contents.metadata
     np.testing.assert_allclose(stored.probs, full.probs, atol=1e-5)
     assert attrs["model_sha256"] == clf.sha256 and attrs["n_tiles"] == len(grid)
 

@@ -36,7 +36,8 @@ def test_fill_resume_finalize_and_stale(tmp_path):
     for k in (1, 2):
         resumed.write_chunk(k, np.full((5, 4), k, np.float32))
     assert resumed.finalize() == path and path.is_dir() and not (tmp_path / "tiles.zarr.partial").exists()
-    preds, attrs = read_tile_store(path)
+    stored = read_tile_store(path)
+    preds, attrs = stored.predictions, stored.metadata
     assert preds.probs.shape == (15, 4) and attrs["complete"] is True and attrs["model_sha256"] == "abc"
     np.testing.assert_array_equal(preds.probs[10:], 2.0)
 

@@ -274,8 +274,9 @@ def _stored_areas(slide_dir: Path, record: Mapping[str, Any]) -> SlideAreas:
     if not record.get("n_tiles"):
         return slide_areas_from_tiles(np.zeros((0, len(CLASSES)), np.float32), CLASSES, np.zeros(0, np.float32),
                                       cell_area)
-    predictions, arrays = read_tile_store(slide_dir / "tiles.zarr")
-    return slide_areas_from_tiles(predictions.probs, predictions.class_names, arrays["tissue_fraction"], cell_area)
+    stored = read_tile_store(slide_dir / "tiles.zarr")
+    return slide_areas_from_tiles(stored.predictions.probs, stored.predictions.class_names, stored.tissue_fraction,
+                                  cell_area)
 
 
 def run_specimen(paths: Sequence[str | Path], specimen_id: str, out_dir: Path, classifier: Any, cfg: Config, *,

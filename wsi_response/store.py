@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["TilePredictions", "TileStore", "store_metadata", "open_tile_store", "read_tile_store"]
+__all__ = ["TilePredictions", "StoredTiles", "TileStore", "store_metadata", "open_tile_store", "read_tile_store"]
 
 STORE_FORMAT = "wsi-response-tiles/1"
 _ROWS_PER_ZARR_CHUNK = 8192
@@ -161,13 +161,26 @@ def open_tile_store(path: str | os.PathLike, metadata: Mapping[str, Any], grid: 
     return TileStore(path, _create(partial, want, grid), complete=False)
 
 
-def read_tile_store(path: str | os.PathLike) -> tuple[TilePredictions, dict[str, Any]]:
-    """Predictions and metadata of a complete store."""
+@dataclass(frozen=True)
+class StoredTiles:
+    """What a complete store holds: predictions, each tile's cell and tissue fraction, metadata."""
+
+    predictions: TilePredictions
+    cols_rows: np.ndarray        # (N, 2) int32
+    tissue_fraction: np.ndarray  # (N,) float32, of each tile's cell
+    metadata: dict[str, Any]
+
+
+def read_tile_store(path: str | os.PathLike) -> StoredTiles:
+    """The contents of a complete store."""
     import zarr
 
     group = zarr.open_group(str(path), mode="r")
     attrs = dict(group.attrs)
-    return TilePredictions(np.asarray(group["probs"][:]), tuple(attrs["class_names"])), attrs
+    return StoredTiles(predictions=TilePredictions(np.asarray(group["probs"][:]), tuple(attrs["class_names"])),
+                       cols_rows=np.asarray(group["cols_rows"][:]),
+                       tissue_fraction=np.asarray(group["tissue_fraction"][:]),
+                       metadata=attrs)
 
 
 def _open_existing(path: Path) -> Any:
