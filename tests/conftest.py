@@ -60,3 +60,24 @@ def synth_tiff_slide(tmp_path_factory: pytest.TempPathFactory):
 
     out = tmp_path_factory.mktemp("synth_tiff")
     return synth_slide(out / "generic.tif", size_px=(4000, 3000), mpp=0.5, seed=3, fmt="tiff")
+
+
+@pytest.fixture(scope="session")
+def demo_classifier():
+    """The bundled demonstration model (synthetic training data)."""
+    from wsi_response.classifier import default_model_path, load_classifier
+
+    return load_classifier(default_model_path())
+
+
+@pytest.fixture(scope="session")
+def specimen_run(synth_specimen_small, demo_classifier, tmp_path_factory):
+    """``run_specimen`` of the small synthetic specimen: (specimen folder, specimen.json dict)."""
+    from wsi_response.config import load_config
+    from wsi_response.pipeline import run_specimen
+
+    out = tmp_path_factory.mktemp("run")
+    paths = [s.slide_path for s in synth_specimen_small.slides]
+    cfg = load_config(None, ["inference.num_workers=0"])
+    result = run_specimen(paths, "S-TEST", out, demo_classifier, cfg, quiet=True)
+    return out / "S-TEST", result

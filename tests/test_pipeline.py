@@ -12,24 +12,10 @@ import shapely.geometry
 
 from wsi_response import cli
 from wsi_response.classes import CLASSES, QUPATH_NAMES
-from wsi_response.classifier import default_model_path, load_classifier
 from wsi_response.config import load_config
 from wsi_response.pipeline import aggregate_specimen, run_specimen, unique_slide_ids
 
 CFG = load_config(None, ["inference.num_workers=0"])
-
-
-@pytest.fixture(scope="module")
-def classifier():
-    return load_classifier(default_model_path(), CFG.tiling)
-
-
-@pytest.fixture(scope="module")
-def specimen_run(synth_specimen_small, classifier, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    paths = [s.slide_path for s in synth_specimen_small.slides]
-    result = run_specimen(paths, "S-TEST", out, classifier, CFG, quiet=True)
-    return out / "S-TEST", result
 
 
 def test_output_tree_follows_the_contract(specimen_run):
@@ -43,7 +29,7 @@ def test_output_tree_follows_the_contract(specimen_run):
     assert not list(specimen_dir.rglob("*.partial")), "a temporary file was left under the output"
 
 
-def test_specimen_json_fields(specimen_run, classifier):
+def test_specimen_json_fields(specimen_run, demo_classifier):
     specimen_dir, result = specimen_run
     on_disk = json.loads((specimen_dir / "specimen.json").read_text())
     assert on_disk == json.loads(json.dumps(result))
@@ -52,7 +38,7 @@ def test_specimen_json_fields(specimen_run, classifier):
                 "viable_percent_ci95", "eortc", "qc", "slides"):
         assert key in on_disk, key
     assert on_disk["status"] == "ok" and on_disk["schema_version"] == 1
-    assert on_disk["model"]["sha256"] == classifier.sha256
+    assert on_disk["model"]["sha256"] == demo_classifier.sha256
     assert on_disk["model"]["target_mpp"] == 1.0 and on_disk["model"]["tile_px"] == 224
     assert "synthetic" in json.dumps(on_disk["model"]["trained_on"]).lower()
     assert any("synthetic" in flag for flag in on_disk["qc"]["flags"])
@@ -122,12 +108,12 @@ def test_aggregate_rebuilds_the_same_numbers(specimen_run, tmp_path):
     assert json.loads(json.dumps(rebuilt)) == json.loads(json.dumps(result))
 
 
-def test_rerun_reuses_finished_tile_stores(specimen_run, classifier, synth_specimen_small):
+def test_rerun_reuses_finished_tile_stores(specimen_run, demo_classifier, synth_specimen_small):
     specimen_dir, result = specimen_run
     store = specimen_dir / "slides" / result["slides"][0]["slide_id"] / "tiles.zarr"
     before = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
     again = run_specimen([s.slide_path for s in synth_specimen_small.slides], "S-TEST", specimen_dir.parent,
-                         classifier, CFG, quiet=True)
+                         demo_classifier, CFG, quiet=True)
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()} == before
     assert again["viable_percent"] == result["viable_percent"]
 
