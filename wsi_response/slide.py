@@ -84,24 +84,12 @@ class Slide:
 
         Parts outside the level are white.
         """
-        w, h = int(size_px[0]), int(size_px[1])
-        if w <= 0 or h <= 0:
-            raise ValueError(f"size_px must be positive, got {size_px}")
-        lw, lh = self.levels[level].dimensions_px
-        x0, y0 = int(origin_level[0]), int(origin_level[1])
-        cx0, cy0 = max(x0, 0), max(y0, 0)
-        cx1, cy1 = min(x0 + w, lw), min(y0 + h, lh)
-        if cx0 >= cx1 or cy0 >= cy1:
-            return np.full((h, w, 3), 255, np.uint8)
         try:
-            inner = self._handle.read(level, (cx0, cy0), (cx1 - cx0, cy1 - cy0))
+            return read_clipped(self._handle.read, self.levels[level].dimensions_px, level, origin_level, size_px)
+        except SlideReadError:
+            raise
         except Exception as exc:  # the backends raise assorted types on corrupt data
-            raise SlideReadError(self.path, f"cannot read level {level} at {(cx0, cy0)}: {exc}") from None
-        if (cx0, cy0, cx1, cy1) == (x0, y0, x0 + w, y0 + h):
-            return inner
-        out = np.full((h, w, 3), 255, np.uint8)
-        out[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = inner
-        return out
+            raise SlideReadError(self.path, f"cannot read level {level} at {tuple(origin_level)}: {exc}") from None
 
     def thumbnail(self, max_px: int = 1024) -> np.ndarray:
         """RGB uint8 image of the whole slide whose long side is at most ``max_px``."""
@@ -155,6 +143,26 @@ class Slide:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (open_slide, (self.path, self.backend, self.mpp_override))
+
+
+def read_clipped(read: Any, level_dims: tuple[int, int], level: int, origin: tuple[int, int],
+                 size_px: tuple[int, int]) -> np.ndarray:
+    """``read(level, origin, size)`` for the part inside the level; white (glass) elsewhere."""
+    w, h = int(size_px[0]), int(size_px[1])
+    if w <= 0 or h <= 0:
+        raise ValueError(f"size_px must be positive, got {size_px}")
+    lw, lh = level_dims
+    x0, y0 = int(origin[0]), int(origin[1])
+    cx0, cy0 = max(x0, 0), max(y0, 0)
+    cx1, cy1 = min(x0 + w, lw), min(y0 + h, lh)
+    if cx0 >= cx1 or cy0 >= cy1:
+        return np.full((h, w, 3), 255, np.uint8)
+    inner = read(level, (cx0, cy0), (cx1 - cx0, cy1 - cy0))
+    if (cx0, cy0, cx1, cy1) == (x0, y0, x0 + w, y0 + h):
+        return inner
+    out = np.full((h, w, 3), 255, np.uint8)
+    out[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = inner
+    return out
 
 
 class _OpenSlideHandle:

@@ -17,13 +17,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image
 
 from .config import TilingConfig
-from .slide import Slide, open_slide
+from .jpegtiles import JpegTileReader, open_jpeg_tile_reader
+from .slide import Slide
 from .tissue import TissueMask
 
 __all__ = ["TileGrid", "TileReader", "tile_grid"]
@@ -179,61 +180,83 @@ def _box_means(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
 class TileReader:
     """Reads the tiles of a grid chunk by chunk: one region read per chunk, cut into tiles.
 
-    Picklable (reopens its slide in each worker process), and fork-safe: a forked process reopens
-    the files before its first read instead of sharing the parent's handles and file offsets.
-    ``fast=True`` reads SVS/generic TIFF
-    through tiffslide (tifffile + libjpeg-turbo) once a probe region matched OpenSlide's pixels
-    within 1 grey level on average; OpenSlide otherwise.
+    ``fast=True`` decodes tiled-JPEG TIFF/SVS levels directly (:mod:`wsi_response.jpegtiles`),
+    with a half-size DCT decode when the tiles are exactly half the level's resolution, once a
+    probe of real tiles matched the slide's own backend (OpenSlide by default) within
+    ``MAX_PROBE_MAD`` grey levels on average; otherwise it reads through the slide's backend.
+    ``backend`` says which. Picklable (a worker process reopens the files) and fork-safe (a
+    forked process reopens them before its first read instead of sharing handles and offsets).
     """
 
     MAX_PROBE_MAD = 1.0  # mean absolute difference, grey levels
+    PROBE_TILES = 4
 
     def __init__(self, slide: Slide, grid: TileGrid, fast: bool = True) -> None:
         self.slide = slide
         self.grid = grid
         self._level_origins = grid.level_origins()
-        self.backend = slide.backend
-        self._source = slide
         self._pid = os.getpid()
-        if fast and slide.backend == "openslide" and slide.vendor in ("aperio", "generic-tiff") and len(grid):
-            candidate = open_slide(slide.path, backend="tiffslide", mpp=slide.mpp)
-            if self._probe_matches(candidate):
-                self._source = candidate
-                self.backend = "tiffslide (matched OpenSlide on a probe region)"
-            else:
-                candidate.close()
+        self._fast: JpegTileReader | None = None
+        self.reduce = 1
+        self.backend = slide.backend
+        if fast and len(grid):
+            self._choose_fast_path()
 
-    def _probe_matches(self, candidate: Slide) -> bool:
-        size = min(512, self.grid.level_tile_px * 2)
-        x, y = (int(v) for v in self._level_origins[len(self.grid) // 2])
+    def _choose_fast_path(self) -> None:
         level = self.grid.read_level
-        try:
-            a = self.slide.read_level(level, (x, y), (size, size)).astype(np.int16)
-            b = candidate.read_level(level, (x, y), (size, size)).astype(np.int16)
-        except Exception:
-            return False
-        return float(np.abs(a - b).mean()) <= self.MAX_PROBE_MAD
+        fast = open_jpeg_tile_reader(self.slide.path, self.slide.levels)
+        if fast is None or not fast.supports(level):
+            if fast is not None:
+                fast.close()
+            return
+        probe = np.linspace(0, len(self.grid) - 1, min(self.PROBE_TILES, len(self.grid))).astype(int)
+        reference = self._tiles(probe, self.slide.read_level, 1)
+        if not self._matches(reference, self._tiles(probe, fast.read_level, 1)):
+            fast.close()
+            return
+        self._fast = fast
+        self.backend = f"jpeg-tiles (matched {self.slide.backend} on {len(probe)} probe tiles)"
+        if abs(self.grid.level_scale - 2.0) < 1e-9 and fast.supports(level, 2):
+            halved = self._tiles(probe, lambda lv, o, sz: fast.read_level(lv, o, sz, reduce=2), 2)
+            if self._matches(reference, halved):
+                self.reduce = 2
+                self.backend += ", half-size DCT decode"
 
-    def _reader(self) -> Slide:
-        """The slide to read from, reopened once in a process other than the one that opened it."""
+    def _matches(self, a: np.ndarray, b: np.ndarray) -> bool:
+        return float(np.abs(a.astype(np.int16) - b).mean()) <= self.MAX_PROBE_MAD
+
+    def _tiles(self, indices: np.ndarray, read: Any, reduce: int) -> np.ndarray:
+        """Tiles by index, one read each, through ``read(level, origin, size)`` at 1/``reduce``."""
+        size = self.grid.level_tile_px // reduce
+        out = np.empty((len(indices), self.grid.tile_px, self.grid.tile_px, 3), np.uint8)
+        for i, index in enumerate(indices):
+            x, y = (int(v) // reduce for v in self._level_origins[int(index)])
+            out[i] = self._to_tile(read(self.grid.read_level, (x, y), (size, size)))
+        return out
+
+    def _read_fn(self) -> Any:
+        """``read(level, origin, size)`` of the chosen path, reopened in a new process."""
         if os.getpid() != self._pid:
-            fast = self._source is not self.slide
             self.slide = self.slide.reopen()
-            self._source = open_slide(self.slide.path, backend="tiffslide", mpp=self.slide.mpp) if fast else self.slide
+            if self._fast is not None:
+                self._fast = open_jpeg_tile_reader(self.slide.path, self.slide.levels)
             self._pid = os.getpid()
-        return self._source
+        if self._fast is None:
+            return self.slide.read_level
+        fast, reduce = self._fast, self.reduce
+        return lambda level, origin, size: fast.read_level(level, origin, size, reduce=reduce)
 
     def __reduce__(self) -> tuple:
-        return (_rebuild_reader, (self.slide, self.grid, self._source is not self.slide))
+        return (_rebuild_reader, (self.slide, self.grid, self._fast is not None, self.reduce, self.backend))
 
     def read_chunk(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Tile indices and RGB uint8 tiles ``(n, tile_px, tile_px, 3)`` of chunk ``k``."""
         start, stop = int(self.grid.chunk_starts[k]), int(self.grid.chunk_starts[k + 1])
-        origins = self._level_origins[start:stop]
-        size = self.grid.level_tile_px
+        origins = self._level_origins[start:stop] // self.reduce
+        size = self.grid.level_tile_px // self.reduce
         x0, y0 = origins.min(axis=0)
         x1, y1 = origins.max(axis=0) + size
-        region = self._reader().read_level(self.grid.read_level, (int(x0), int(y0)), (int(x1 - x0), int(y1 - y0)))
+        region = self._read_fn()(self.grid.read_level, (int(x0), int(y0)), (int(x1 - x0), int(y1 - y0)))
         tiles = np.empty((stop - start, self.grid.tile_px, self.grid.tile_px, 3), np.uint8)
         for i, (x, y) in enumerate(origins - (x0, y0)):
             tiles[i] = self._to_tile(region[y:y + size, x:x + size])
@@ -241,12 +264,7 @@ class TileReader:
 
     def read_tiles(self, indices: np.ndarray) -> np.ndarray:
         """Tiles by index, one read each (for sampling; use chunks for whole grids)."""
-        size = self.grid.level_tile_px
-        out = np.empty((len(indices), self.grid.tile_px, self.grid.tile_px, 3), np.uint8)
-        for i, index in enumerate(indices):
-            x, y = self._level_origins[int(index)]
-            out[i] = self._to_tile(self._reader().read_level(self.grid.read_level, (int(x), int(y)), (size, size)))
-        return out
+        return self._tiles(np.asarray(indices), self._read_fn(), self.reduce)
 
     def iter_chunks(self, chunks: range | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``read_chunk`` over ``chunks`` (all by default)."""
@@ -260,9 +278,14 @@ class TileReader:
         return np.asarray(Image.fromarray(np.ascontiguousarray(pixels)).resize((n, n), Image.Resampling.BILINEAR))
 
     def close(self) -> None:
-        if self._source is not self.slide:
-            self._source.close()
+        if self._fast is not None:
+            self._fast.close()
 
 
-def _rebuild_reader(slide: Slide, grid: TileGrid, fast: bool) -> TileReader:
-    return TileReader(slide, grid, fast=fast)
+def _rebuild_reader(slide: Slide, grid: TileGrid, fast: bool, reduce: int, backend: str) -> TileReader:
+    """A reader in another process on the path its parent chose (no new probe)."""
+    reader = TileReader(slide, grid, fast=False)
+    if fast:
+        reader._fast = open_jpeg_tile_reader(slide.path, slide.levels)
+        reader.reduce, reader.backend = reduce, backend
+    return reader
