@@ -11,7 +11,7 @@ import pytest
 import shapely.geometry
 
 from wsi_response import cli
-from wsi_response.classes import CLASSES, QUPATH_NAMES
+from wsi_response.classes import ARTEFACT, CLASSES, QUPATH_NAMES
 from wsi_response.config import load_config
 from wsi_response.pipeline import aggregate_specimen, run_specimen, unique_slide_ids
 
@@ -41,7 +41,8 @@ def test_specimen_json_fields(specimen_run, demo_classifier):
     assert on_disk["model"]["sha256"] == demo_classifier.sha256
     assert on_disk["model"]["target_mpp"] == 1.0 and on_disk["model"]["tile_px"] == 224
     assert "synthetic" in json.dumps(on_disk["model"]["trained_on"]).lower()
-    assert any("synthetic" in flag for flag in on_disk["qc"]["flags"])
+    assert any("synthetic" in flag["message"] and flag["severity"] == "caveat" for flag in on_disk["qc"]["flags"])
+    assert on_disk["qc"]["verdict"] == "reportable_with_caveats" and on_disk["qc"]["reportable"] is True
     assert on_disk["classes"] == list(CLASSES)
     for slide in on_disk["slides"]:
         for key in ("slide_id", "path", "status", "error", "backend", "mpp", "mpp_source", "dimensions_px",
@@ -74,15 +75,17 @@ def test_overlay_polygons_equal_reported_areas(specimen_run):
             props = feature["properties"]
             assert props["objectType"] == "annotation" and props["isLocked"] is True
             assert set(props["classification"]) == {"name", "color"}
-            name = next(c for c in CLASSES if QUPATH_NAMES[c] == props["classification"]["name"])
+            name = next(c for c in QUPATH_NAMES if QUPATH_NAMES[c] == props["classification"]["name"])
             geometry = shapely.geometry.shape(feature["geometry"])
             assert feature["geometry"]["type"] == "MultiPolygon" and geometry.is_valid
             area_mm2 = geometry.area * slide["mpp"] ** 2 / 1e6
-            assert area_mm2 == pytest.approx(slide["areas_mm2"][name], rel=0.005)
             assert props["measurements"]["Area µm^2"] == pytest.approx(area_mm2 * 1e6, rel=1e-6)
-            assert 0 < props["measurements"]["Mean probability"] <= 1
             seen.add(name)
-        assert seen == {c for c in CLASSES if slide["areas_mm2"][c] > 0}
+            if name == ARTEFACT:
+                continue
+            assert area_mm2 == pytest.approx(slide["areas_mm2"][name], rel=0.005)
+            assert 0 < props["measurements"]["Mean probability"] <= 1
+        assert seen - {ARTEFACT} == {c for c in CLASSES if slide["areas_mm2"][c] > 0}
 
 
 def test_tiles_geojson_carries_probabilities(specimen_run):
@@ -131,7 +134,7 @@ def test_bad_slide_is_recorded_and_the_rest_complete(synth_specimen_small, tmp_p
     assert statuses == {good.stem: "ok", "broken slide": "failed"}
     failed = next(s for s in specimen["slides"] if s["status"] == "failed")
     assert failed["error"] == f"{bad}: a text file, not a slide image"
-    assert "specimen has 1 failed slide of 2" in specimen["qc"]["flags"]
+    assert "specimen has 1 failed slide of 2" in [f["message"] for f in specimen["qc"]["flags"]]
     assert "failed slide" in capsys.readouterr().out
 
 
@@ -154,3 +157,25 @@ def test_model_config_mismatch_is_a_usage_error(synth_specimen_small, tmp_path, 
 
 def test_unique_slide_ids():
     assert unique_slide_ids(["a/x.svs", "b/x.svs", "c/y.ome.tiff", "x.tif"]) == ["x", "x-2", "y", "x-3"]
+
+
+def test_artefacts_are_excluded_counted_and_drawn(demo_classifier, tmp_path):
+    from wsi_response.synth import synth_slide
+
+    truth = synth_slide(tmp_path / "inked.svs", size_px=(4000, 3000), mpp=0.5, seed=4, artefacts=("pen", "blur"))
+    result = run_specimen([truth.slide_path], "S-ART", tmp_path / "out", demo_classifier, CFG, quiet=True)
+    record = json.loads((tmp_path / "out" / "S-ART" / "slides" / "inked" / "slide.json").read_text())
+    found = record["artefacts"]["areas_mm2"]
+    # ink over glass is found as "tissue" and excluded too: between the ink over tissue and all ink
+    assert 0.85 * truth.artefact_tissue_areas_mm2["pen"] <= found["pen"] <= 1.15 * truth.artefact_areas_mm2["pen"]
+    assert found["blur"] == pytest.approx(truth.artefact_tissue_areas_mm2["blur"], rel=0.15)
+    # excluded from numerator and denominator: measured tissue + artefacts = tissue found
+    assert record["tissue_area_mm2"] + found["any"] == pytest.approx(record["tissue_mask_area_mm2"], rel=0.01)
+    assert sum(record["areas_mm2"].values()) == pytest.approx(record["tissue_area_mm2"], rel=1e-6)
+    overlay = json.loads((tmp_path / "out" / "S-ART" / "slides" / "inked" / "overlay.geojson").read_text())
+    drawn = {f["properties"]["classification"]["name"]: shapely.geometry.shape(f["geometry"]).area
+             for f in overlay["features"]}
+    assert drawn["Artefact"] * record["mpp"] ** 2 / 1e6 == pytest.approx(found["any"], rel=0.005)
+    flags = {f["code"] for f in record["qc"]["flags"]}
+    assert {"artefact_pen", "artefact_blur"} <= flags and record["qc"]["verdict"] != "reportable"
+    assert result["qc"]["verdict"] in ("reportable_with_caveats", "not_reportable")

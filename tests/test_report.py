@@ -61,9 +61,11 @@ def test_report_renders_in_headless_chromium(specimen_run, chromium, tmp_path):
 def test_report_escapes_text_and_handles_an_empty_bed():
     specimen = {"specimen_id": "<script>x</script>", "status": "ok", "viable_percent": None,
                 "viable_percent_ci95": None, "eortc": {"tier": None, "near_cutoff": None},
-                "qc": {"flags": ["tumor bed 0.00 mm²"], "reportable": False}, "slides": [],
+                "qc": {"flags": [{"code": "no_tissue", "severity": "fail", "message": "no tissue found", "value": 0.0}],
+                       "verdict": "not_reportable", "reportable": False}, "slides": [],
                 "model": {"name": "m", "trained_on": "real slides"}, "areas_mm2": {}}
     html = render_report(specimen, {})
     assert "<script>x</script>" not in html and "&lt;script&gt;" in html
     assert "No tumor bed found" in html and "not assessable" in html
+    assert "QC verdict: <b>not reportable</b>" in html and "fail: no tissue found" in html
     assert "Not for clinical use" not in html

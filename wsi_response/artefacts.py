@@ -1,8 +1,9 @@
 """Slide artefacts that must not be measured: marker ink, blur, folds, bubbles, blank tiles.
 
 Every layer lives on the tissue mask's grid (one px = ``downsample`` level-0 px, ``mpp`` µm) and
-holds only tissue-mask pixels, so the pipeline can subtract it from the tissue it measures:
-usable tissue of a cell = tissue fraction - :func:`cell_artefact_fraction` (clip at 0).
+holds only tissue-mask pixels, so the pipeline can subtract it from the tissue it measures: the
+tile grid is laid on ``tissue & ~artefacts.any``, so artefact area leaves both the numerator and
+the denominator of every area and percentage, and the overlay's class polygons exclude it too.
 
 - ``pen``: marker ink, by colour on the overview (optical density, OD, relative to the glass).
   Haematoxylin, eosin and blood all absorb green at least as much as red and more than blue:
@@ -11,13 +12,14 @@ usable tissue of a cell = tissue fraction - :func:`cell_artefact_fraction` (clip
   (hysteresis) through px where the excess is weaker because tissue lies under the ink.
 - ``blur``: out of focus, from a focus measure read in strips at ``focus_mpp`` µm/px: the energy
   of the finest detail (grey minus its Gaussian, sigma 1 px) over that of a coarser band
-  (Gaussians of sigma 2 and 4 px), pooled over ``focus_smooth_um``. Contrast cancels out; it is compared with the slide's own
-  tissue (``focus_reference_percentile``), so it finds regions, not a slide wholly out of focus.
-- ``fold``: tissue whose OD is ``fold_min_od_ratio`` times that of its surroundings (double
-  thickness), not ink.
-- ``bubble``: thin dark neutral rims (narrower than ``rim_max_width_um``) closing around a pale
-  interior, and long thin dark lines (coverslip edges).
-- Near-white / near-black tiles: :func:`tile_intensity_flags` on tiles as read.
+  (Gaussians of sigma 2 and 4 px), pooled over ``focus_smooth_um``. Contrast and stain cancel
+  out. A region is out of focus when its sharpness is low in absolute terms and relative to the
+  slide's own tissue (``focus_reference_percentile``): a slide scanned soft all over is not.
+- ``fold``: tissue whose OD is ``fold_min_od_ratio`` times that of its surroundings in the same
+  colour (double thickness of the same tissue), not ink.
+- ``bubble``: thin dark neutral rims (narrower than ``rim_max_width_um``) closing around a pale,
+  convex interior, and long straight thin dark lines (coverslip edges).
+- Near-white / near-black tiles: :func:`cell_intensity_flags`, the mean grey of each tile's cell.
 """
 from __future__ import annotations
 
@@ -28,14 +30,16 @@ from PIL import Image
 
 from .config import QcConfig
 from .slide import Slide
-from .tiling import TileGrid, _box_means
+from .tiling import TileGrid, cell_means
 from .tissue import Overview, TissueMask, _glass_rgb, read_overview
 
-__all__ = ["KINDS", "ArtefactMask", "detect_artefacts", "cell_artefact_fraction",
-           "tile_intensity_flags"]
+__all__ = ["KINDS", "ArtefactMask", "detect_artefacts",
+           "cell_intensity_flags"]
 
 KINDS: tuple[str, ...] = ("pen", "blur", "fold", "bubble")
 _STRIP_ROWS = 64  # mask rows per focus-measure strip
+_FOLD_LOCAL_UM = 16.0  # Gaussian sigma smoothing tissue OD before the fold test, µm
+_EDGE_UM = 4.0  # px this close to ink or a bubble are not tested for blur, µm
 
 
 @dataclass(frozen=True)
@@ -88,41 +92,40 @@ def detect_artefacts(slide: Slide, mask: TissueMask, cfg: QcConfig = QcConfig(),
         raise ValueError(f"overview {overview.image.shape[:2]} and mask {tissue.shape} differ in shape")
     px_um = mask.mpp
     od = _optical_density(overview.image)
-    pen = _ink(od, cfg) & tissue
-    if cfg.ink_grow_um > 0:
-        pen = ndimage.binary_dilation(pen, _disk(cfg.ink_grow_um / px_um)) & tissue
-    measured = tissue & ~pen
+    pen = _ink(od, px_um, cfg) & tissue
     od_sum = od.sum(axis=2)
+    bubble = _bubble(od, od_sum, tissue & ~pen, px_um, cfg) & tissue
+    measured = tissue & ~pen & ~bubble
+    near = ndimage.binary_dilation(pen | bubble, _disk(_EDGE_UM / px_um))  # their edges look smooth
     layers = {
         "pen": pen,
-        "blur": _blur(slide, mask, measured, cfg),
-        "fold": _fold(od_sum, measured, px_um, cfg),
-        "bubble": _bubble(od, od_sum, measured, px_um, cfg) & tissue,
+        "blur": _blur(slide, mask, measured, cfg) & ~near,
+        "fold": _fold(od, measured, px_um, cfg),
+        "bubble": bubble,
     }
     min_px = int(cfg.min_artefact_mm2 / (px_um / 1000.0) ** 2)
-    if min_px > 1:
+    if min_px > 1:  # ink is found by colour alone and kept however small
         from skimage import morphology
 
-        layers = {k: morphology.remove_small_objects(v, max_size=min_px) for k, v in layers.items()}
+        layers = {k: v if k == "pen" else morphology.remove_small_objects(v, max_size=min_px)
+                  for k, v in layers.items()}
     return ArtefactMask(layers=layers, downsample=mask.downsample, mpp=mask.mpp,
                         tissue_area_mm2=mask.area_mm2)
 
 
-def cell_artefact_fraction(grid: TileGrid, artefacts: ArtefactMask) -> np.ndarray:
-    """(N,) float32 exact fraction of each tile's cell covered by any artefact (0-1)."""
-    if len(grid) == 0:
-        return np.zeros(0, np.float32)
-    cell_px = grid.stride_l0 / artefacts.downsample  # cell side in mask px
-    n_cols, n_rows = (int(v) + 1 for v in grid.cols_rows.max(axis=0))
-    fractions = _box_means(artefacts.any, np.arange(n_cols + 1) * cell_px,
-                           np.arange(n_rows + 1) * cell_px)
-    return fractions[grid.cols_rows[:, 1], grid.cols_rows[:, 0]].astype(np.float32)
+def cell_intensity_flags(grid: TileGrid, overview: Overview, tissue: TissueMask, cfg: QcConfig = QcConfig()
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Near-white and near-black tiles, each (N,) bool: the mean grey of the *tissue* in each cell.
 
-
-def tile_intensity_flags(tiles: np.ndarray, cfg: QcConfig = QcConfig()) -> tuple[np.ndarray, np.ndarray]:
-    """Near-white and near-black flags, each (n,) bool, of RGB uint8 tiles ``(n, h, w, 3)``."""
-    grey = tiles.reshape(len(tiles), -1).mean(axis=1, dtype=np.float64)
-    return grey > cfg.tile_white_min_grey, grey < cfg.tile_black_max_grey
+    The overview is box-filtered from the slide, so the mean there is the mean at the tiles'
+    resolution; no tile has to be read. Glass around the tissue does not count (an edge cell is
+    mostly glass, not a blank tile); ``tissue`` must be on the overview's grid.
+    """
+    grey = overview.image.mean(axis=2) * tissue.mask
+    amount = cell_means(grid, tissue.mask, overview.downsample)
+    mean_grey = cell_means(grid, grey, overview.downsample) / np.maximum(amount, 1e-12)
+    has_tissue = amount > 0
+    return has_tissue & (mean_grey > cfg.tile_white_min_grey), has_tissue & (mean_grey < cfg.tile_black_max_grey)
 
 
 # --------------------------------------------------------------------------- detectors
@@ -141,44 +144,55 @@ def _disk(radius_px: float) -> np.ndarray:
     return xx * xx + yy * yy <= r * r + r
 
 
-def _ink(od: np.ndarray, cfg: QcConfig) -> np.ndarray:
-    """Marker ink px: colour out of the H&E gamut, or black (hysteresis from clear seeds)."""
-    from skimage.filters import apply_hysteresis_threshold
-
+def _ink(od: np.ndarray, px_um: float, cfg: QcConfig) -> np.ndarray:
+    """Marker ink px: colour out of the H&E gamut, or black; grown from clear seeds."""
     r, g, b = od[..., 0], od[..., 1], od[..., 2]
-    colour = np.maximum(r - g, b - g)  # red or blue absorbed more than green: not H, E or blood
-    ink = apply_hysteresis_threshold(colour, cfg.ink_grow_excess_od, cfg.ink_min_excess_od)
+    excess = np.maximum(r - g, b - g)  # red or blue absorbed more than green: not H, E or blood
+    # under ink, the tissue's own (negative) excess remains: measure against the surroundings
+    plain = excess < 0.0  # H&E and glass; ink over tissue has a positive excess
+    local = excess - np.minimum(_normalized_gauss(excess, plain, cfg.ink_context_um / px_um), 0.0)
+    colour = _grow(local >= cfg.ink_grow_excess_od, excess >= cfg.ink_min_excess_od)
     lo, hi = od.min(axis=2), od.max(axis=2)
     flat = (hi - lo) <= cfg.black_max_spread * np.maximum(od.mean(axis=2), 1e-3)
-    flat_od = lo - 0.5 * (hi - lo)  # the spectrum's flat part
-    seeds = flat & (lo >= cfg.black_min_od)
+    black = _grow(lo - 0.5 * (hi - lo) >= cfg.black_grow_od, flat & (lo >= cfg.black_min_od))
+    return colour | black
+
+
+def _grow(candidates: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """Connected components of ``candidates | seeds`` that hold a seed."""
     from scipy import ndimage
 
-    grown = flat_od >= cfg.black_grow_od
-    labels, n = ndimage.label(grown)
+    labels, n = ndimage.label(candidates | seeds)
     keep = np.zeros(n + 1, bool)
-    keep[np.unique(labels[seeds & grown])] = True
+    keep[labels[seeds]] = True
     keep[0] = False
-    return ink | keep[labels]
+    return keep[labels]
 
 
-def _fold(od_sum: np.ndarray, measured: np.ndarray, px_um: float, cfg: QcConfig) -> np.ndarray:
-    """Tissue px (smoothed) ``fold_min_od_ratio`` times as dense as their surroundings."""
-    local = _normalized_gauss(od_sum, measured, 2.0)
-    context = _normalized_gauss(od_sum, measured, cfg.fold_context_um / px_um)
-    return measured & (local >= cfg.fold_min_od_ratio * context)
+def _fold(od: np.ndarray, measured: np.ndarray, px_um: float, cfg: QcConfig) -> np.ndarray:
+    """Tissue px ``fold_min_od_ratio`` times as dense as their surroundings, in the same colour
+    (two layers of the same tissue; denser tissue of another kind has another colour)."""
+    local = np.stack([_normalized_gauss(od[..., c], measured, _FOLD_LOCAL_UM / px_um) for c in range(3)], -1)
+    context = np.stack([_normalized_gauss(od[..., c], measured, cfg.fold_context_um / px_um)
+                        for c in range(3)], -1)
+    local_sum, context_sum = local.sum(axis=2), context.sum(axis=2)
+    shift = np.abs(local / np.maximum(local_sum, 1e-3)[..., None]
+                   - context / np.maximum(context_sum, 1e-3)[..., None]).sum(axis=2)
+    return measured & (local_sum >= cfg.fold_min_od_ratio * context_sum) & (shift <= cfg.fold_max_colour_shift)
 
 
 def _bubble(od: np.ndarray, od_sum: np.ndarray, measured: np.ndarray, px_um: float,
             cfg: QcConfig) -> np.ndarray:
-    """Thin dark neutral rims around pale interiors, and long thin dark lines."""
+    """Thin dark neutral rims around pale, convex interiors, and long straight dark lines."""
     from scipy import ndimage
+    from skimage.measure import regionprops
 
     lo, hi = od.min(axis=2), od.max(axis=2)
-    dark = (lo >= cfg.rim_min_od) & ((hi - lo) <= cfg.black_max_spread * np.maximum(od.mean(axis=2), 1e-3))
+    spread = (hi - lo) / np.maximum(od.mean(axis=2), 1e-3)
+    dark = (lo >= cfg.rim_min_od) & (spread <= cfg.rim_max_spread)
     width_px = cfg.rim_max_width_um / px_um
     thin = dark & ~ndimage.binary_opening(dark, _disk(width_px / 2))
-    thin = ndimage.binary_closing(thin, _disk(width_px / 4), border_value=0)  # bridge gaps in rims
+    thin = ndimage.binary_closing(thin, _disk(width_px / 2), border_value=0)  # bridge gaps in rims
     filled = ndimage.binary_fill_holes(thin)
     interiors, n = ndimage.label(filled & ~thin)
     out = np.zeros_like(measured)
@@ -186,29 +200,46 @@ def _bubble(od: np.ndarray, od_sum: np.ndarray, measured: np.ndarray, px_um: flo
     if n:
         idx = np.arange(1, n + 1)
         mean_od = ndimage.mean(od_sum, interiors, idx)
-        pale = np.concatenate([[False], mean_od <= cfg.bubble_max_od_ratio * reference])
+        solid = np.array([r.solidity >= cfg.bubble_min_solidity for r in regionprops(interiors)])
+        rims = ndimage.grey_dilation(interiors, footprint=_disk(width_px)) * thin
+        neutral = ndimage.median(spread, rims, idx) <= cfg.black_max_spread  # grey as a whole
+        pale = np.concatenate([[False], (mean_od <= cfg.bubble_max_od_ratio * reference) & solid & neutral])
         out |= ndimage.binary_dilation(pale[interiors], _disk(width_px)) & filled
     lines, n = ndimage.label(thin & ~out)
-    if n:
-        spans = np.array([max(s[0].stop - s[0].start, s[1].stop - s[1].start)
-                          for s in ndimage.find_objects(lines)])
-        long = np.concatenate([[False], spans * px_um >= cfg.edge_min_length_um])
-        out |= ndimage.binary_dilation(long[lines], _disk(1))
+    if n:  # coverslip edges: long and straight (second moments of a thin line)
+        straight = [r.axis_major_length * px_um >= cfg.edge_min_length_um
+                    and r.axis_minor_length <= 2 * width_px for r in regionprops(lines)]
+        out |= ndimage.binary_dilation(np.concatenate([[False], straight])[lines], _disk(1))
     return out
 
 
 def _normalized_gauss(values: np.ndarray, weight: np.ndarray, sigma_px: float) -> np.ndarray:
-    """Gaussian mean of ``values`` over px where ``weight`` is true (0 where none are near)."""
+    """Gaussian mean of ``values`` over px where ``weight`` is true (0 where none are near).
+
+    Wide kernels run on ``q`` x ``q`` block means (``q`` = sigma / 8) and are interpolated back.
+    """
     from scipy import ndimage
 
-    w = weight.astype(np.float32)
-    num = ndimage.gaussian_filter(values * w, sigma_px, mode="constant")
-    den = ndimage.gaussian_filter(w, sigma_px, mode="constant")
-    return np.where(den > 1e-3, num / np.maximum(den, 1e-3), 0.0).astype(np.float32)
+    h, w = weight.shape
+    q = max(1, int(sigma_px // 8))
+    den = weight.astype(np.float32)
+    num = values.astype(np.float32) * den
+    if q > 1:
+        ph, pw = -(-h // q) * q, -(-w // q) * q
+        num, den = (np.pad(a, ((0, ph - h), (0, pw - w))).reshape(ph // q, q, pw // q, q).mean(axis=(1, 3))
+                    for a in (num, den))
+    num = ndimage.gaussian_filter(num, sigma_px / q, mode="constant")
+    den = ndimage.gaussian_filter(den, sigma_px / q, mode="constant")
+    out = np.where(den > 1e-3, num / np.maximum(den, 1e-3), 0.0).astype(np.float32)
+    if q > 1:
+        out = np.asarray(Image.fromarray(out).resize((out.shape[1] * q, out.shape[0] * q),
+                                                     Image.Resampling.BILINEAR))[:h, :w]
+    return out
 
 
 def _blur(slide: Slide, mask: TissueMask, measured: np.ndarray, cfg: QcConfig) -> np.ndarray:
-    """Tissue px whose focus measure is below ``focus_min_ratio`` x the slide's sharp tissue."""
+    """Tissue px whose sharpness is below ``blur_max_sharpness`` and ``blur_max_relative`` x
+    the slide's sharp tissue (both: a slide scanned soft all over is not out of focus)."""
     fine, band = _focus_energies(slide, mask, cfg)
     sigma = cfg.focus_smooth_um / mask.mpp
     sharp = _normalized_gauss(fine, measured, sigma) / np.maximum(
@@ -216,7 +247,7 @@ def _blur(slide: Slide, mask: TissueMask, measured: np.ndarray, cfg: QcConfig) -
     if not measured.any():
         return np.zeros_like(measured)
     reference = float(np.percentile(sharp[measured], cfg.focus_reference_percentile))
-    return measured & (sharp < cfg.focus_min_ratio * reference)
+    return measured & (sharp < min(cfg.blur_max_sharpness, cfg.blur_max_relative * reference))
 
 
 def _focus_energies(slide: Slide, mask: TissueMask, cfg: QcConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -5,21 +5,24 @@ debris) lies outside it.
 """
 from __future__ import annotations
 
-__all__ = ["CLASSES", "TUMOR_BED", "QUPATH_NAMES", "COLORS_RGB", "class_index"]
+__all__ = ["CLASSES", "TUMOR_BED", "ARTEFACT", "QUPATH_NAMES", "COLORS_RGB", "class_index"]
 
 CLASSES: tuple[str, ...] = ("viable_tumor", "necrosis", "fibrosis", "other")
 TUMOR_BED: tuple[str, ...] = ("viable_tumor", "necrosis", "fibrosis")
+ARTEFACT = "artefact"  # excluded area (ink, blur, folds, bubbles, blank tiles): a layer, not a class
 QUPATH_NAMES: dict[str, str] = {
     "viable_tumor": "Viable tumor",
     "necrosis": "Necrosis",
     "fibrosis": "Fibrosis",
     "other": "Other",
+    ARTEFACT: "Artefact",
 }
 COLORS_RGB: dict[str, tuple[int, int, int]] = {
     "viable_tumor": (200, 30, 40),
     "necrosis": (240, 200, 40),
     "fibrosis": (60, 120, 220),
     "other": (140, 140, 140),
+    ARTEFACT: (20, 20, 20),
 }
 
 

@@ -62,9 +62,12 @@ class TilingConfig:
 class InferenceConfig:
     """Batched CNN inference."""
 
-    batch_size: int = _f(64, range=(1, 4096))                 # tiles per forward pass
+    batch_size: int = _f(64, range=(1, 4096))                 # tiles per forward pass (GPU: 512 recommended)
     num_workers: int = _f(2, range=(0, 128))                  # tile-reading worker processes (0: in-process)
     device: str = _f("auto", choices=("auto", "cpu", "cuda"))
+    autocast: str = _f("bf16", choices=("bf16", "fp16", "fp32"))  # CUDA autocast dtype (fp32: none); CPU runs fp32
+    compile: bool = _f(False)                                 # torch.compile the model on CUDA (eager fallback)
+    decode: str = _f("workers", choices=("workers", "device"))  # where JPEG tiles are decoded
 
 
 @dataclass(frozen=True)
@@ -72,22 +75,26 @@ class QcConfig:
     """Artefact detection (on the tissue mask's grid) and the QC flags and verdict."""
 
     ink_min_excess_od: float = _f(0.15, range=(0.0, 3.0))     # colour ink seed: OD excess out of the H&E gamut
-    ink_grow_excess_od: float = _f(0.0, range=(-1.0, 3.0))    # ink grows from seeds through px above this excess
+    ink_grow_excess_od: float = _f(0.15, range=(0.0, 3.0))    # ... grows through px with this excess over surroundings
+    ink_context_um: float = _f(40.0, range=(4.0, 1000.0))     # Gaussian sigma of the tissue around ink, µm
     black_min_od: float = _f(0.55, range=(0.0, 3.0))          # black ink seed: every channel's OD above this
     black_grow_od: float = _f(0.40, range=(0.0, 3.0))         # black ink grows through px above this flat OD
     black_max_spread: float = _f(0.40, range=(0.0, 2.0))      # black ink seed: (max - min) / mean channel OD
-    ink_grow_um: float = _f(4.0, range=(0.0, 100.0))          # ink masks are dilated by this (stroke edges), µm
     focus_mpp: float = _f(1.0, range=(0.25, 8.0))             # µm/px the focus measure is computed at
-    focus_smooth_um: float = _f(8.0, range=(4.0, 500.0))     # Gaussian sigma pooling the focus measure, µm
-    focus_min_ratio: float = _f(0.2, range=(0.0, 1.0))        # out of focus below this x the slide's sharp tissue
+    focus_smooth_um: float = _f(4.0, range=(1.0, 500.0))      # Gaussian sigma pooling the focus measure, µm
+    blur_max_sharpness: float = _f(0.25, range=(0.0, 100.0))  # out of focus: fine / coarse detail energy below this
+    blur_max_relative: float = _f(0.5, range=(0.0, 1.0))      # ... and below this x the slide's sharp tissue
     focus_reference_percentile: float = _f(75.0, range=(1.0, 99.0))  # of tissue sharpness: "sharp" for this slide
-    fold_min_od_ratio: float = _f(1.5, range=(1.0, 10.0))     # fold: tissue OD >= this x its surroundings
-    fold_context_um: float = _f(150.0, range=(10.0, 5000.0))  # Gaussian sigma of a fold's surroundings, µm
-    rim_min_od: float = _f(0.25, range=(0.0, 3.0))            # bubble rim / coverslip edge: flat OD above this
+    fold_min_od_ratio: float = _f(1.9, range=(1.0, 10.0))     # fold: tissue OD >= this x its surroundings
+    fold_context_um: float = _f(300.0, range=(10.0, 5000.0))  # Gaussian sigma of a fold's surroundings, µm
+    fold_max_colour_shift: float = _f(0.15, range=(0.0, 2.0))  # fold: L1 distance of OD chromaticity to surroundings
+    rim_min_od: float = _f(0.25, range=(0.0, 3.0))            # bubble rim / coverslip edge: every channel's OD above this
+    rim_max_spread: float = _f(0.6, range=(0.0, 2.0))         # ... and (max - min) / mean channel OD below this
     rim_max_width_um: float = _f(16.0, range=(1.0, 200.0))    # dark lines thinner than this are rims or edges, µm
-    bubble_max_od_ratio: float = _f(0.7, range=(0.0, 1.0))    # bubble interior OD <= this x the tissue median
+    bubble_max_od_ratio: float = _f(0.5, range=(0.0, 1.0))    # bubble interior OD <= this x the tissue median
+    bubble_min_solidity: float = _f(0.9, range=(0.0, 1.0))    # bubble interior area / its convex hull's
     edge_min_length_um: float = _f(1000.0, range=(10.0, 100000.0))  # straight dark line this long: coverslip edge
-    min_artefact_mm2: float = _f(0.002, range=(0.0, 100.0))   # artefact pieces smaller than this are dropped, mm²
+    min_artefact_mm2: float = _f(0.002, range=(0.0, 100.0))   # smaller blur/fold/bubble pieces are dropped (not ink), mm²
     tile_white_min_grey: float = _f(230.0, range=(0.0, 255.0))  # tile mean grey above this: near-white tile
     tile_black_max_grey: float = _f(30.0, range=(0.0, 255.0))   # tile mean grey below this: near-black tile
     flag_artefact_fraction: float = _f(0.02, range=(0.0, 1.0))  # one kind above this fraction of tissue: caveat

@@ -24,15 +24,17 @@ import numpy as np
 
 from . import __version__
 from .atomic import write_atomic, write_json_atomic
-from .classes import CLASSES
-from .config import Config, config_to_dict
+from .artefacts import cell_intensity_flags, detect_artefacts
+from .classes import ARTEFACT, CLASSES, COLORS_RGB, QUPATH_NAMES
+from .qc import slide_qc, specimen_qc
+from .config import Config, QcConfig, config_to_dict
 from .errors import OutputError, WsiResponseError
 from .quantify import SlideAreas, slide_areas_from_tiles, specimen_areas
 from .report import heatmap_png, overlay_png, render_report
 from .slide import open_slide
 from .store import TilePredictions, read_tile_store
 from .tiling import tile_grid
-from .tissue import detect_tissue, read_overview
+from .tissue import TissueMask, detect_tissue, read_overview
 
 __all__ = ["SCHEMA_VERSION", "unique_slide_ids", "process_slide", "record_failure", "aggregate_specimen",
            "run_specimen", "check_writable", "raise_if_environment", "config_sha256", "source_fingerprint"]
@@ -108,7 +110,11 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
     try:
         overview = read_overview(slide, cfg.tissue.mask_mpp)
         mask = detect_tissue(slide, cfg.tissue, overview)
-        grid = tile_grid(slide, mask, cfg.tiling)
+        artefacts = detect_artefacts(slide, mask, cfg.qc, overview)
+        usable = TissueMask(mask.mask & ~artefacts.any, mask.downsample, mask.mpp)
+        laid = tile_grid(slide, usable, cfg.tiling)
+        white, black = cell_intensity_flags(laid, overview, usable, cfg.qc)
+        grid, blank = laid.subset(~(white | black)), laid.subset(white | black)
         timings["tissue_and_grid_s"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
@@ -127,11 +133,13 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
         areas = slide_areas_from_tiles(predictions.probs, predictions.class_names, grid.tissue_fraction,
                                        grid.cell_area_mm2)
         labels = predictions.labels
-        regions = class_regions(grid, labels, mask, predictions.class_names)
+        regions = class_regions(grid, labels, usable, predictions.class_names)
+        regions[ARTEFACT] = _artefact_region(mask, artefacts, blank)
         mean_probability = {
             name: (float(np.average(predictions.probs[labels == i, i], weights=grid.tissue_fraction[labels == i]))
                    if (labels == i).any() else None)
             for i, name in enumerate(predictions.class_names)}
+        mean_probability[ARTEFACT] = None
         offset = slide.bounds_offset_l0
         write_overlay(slide_dir / "overlay.geojson",
                       overlay_features(regions, mean_probability, slide.mpp, offset))
@@ -140,8 +148,11 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
         thumb_ds = max(slide.dimensions_px) / THUMBNAIL_MAX_PX
         thumbnail = read_overview(slide, max(slide.mpp, slide.mpp * thumb_ds)).image
         thumb_ds = max(1.0, thumb_ds)
+        artefact_layer = {QUPATH_NAMES[ARTEFACT]: (_on_thumbnail(mask.mask & ~usable.mask, mask.downsample,
+                                                                 thumbnail.shape[:2], thumb_ds),
+                                                   COLORS_RGB[ARTEFACT])}
         write_atomic(slide_dir / "overlay.png",
-                     overlay_png(thumbnail, thumb_ds, grid, labels, mask, predictions.class_names))
+                     overlay_png(thumbnail, thumb_ds, grid, labels, usable, predictions.class_names, artefact_layer))
         viable = predictions.class_names.index("viable_tumor")
         write_atomic(slide_dir / "heatmap_viable_tumor.png",
                      heatmap_png(thumbnail, thumb_ds, grid, predictions.probs[:, viable], mask, "Viable tumor"))
@@ -149,6 +160,8 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
         timings["total_s"] = time.perf_counter() - t0
 
         status = "ok" if len(grid) else "ok_empty"
+        artefact_areas = {**artefacts.areas_mm2, "blank_tiles": float(blank.tissue_area_mm2)}
+        artefact_areas["any"] = artefacts.area_mm2 + artefact_areas["blank_tiles"]
         record = _slide_record(slide_id, Path(path), status, None, classifier, cfg, source)
         record.update({
             "backend": slide.backend,
@@ -162,15 +175,40 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
             "grid": {"read_mpp": grid.read_mpp, "tile_px": grid.tile_px, "stride_px": grid.stride_px,
                      "read_level": grid.read_level, "cell_area_mm2": grid.cell_area_mm2},
             "tissue_mask_area_mm2": mask.area_mm2,
+            "artefacts": {"areas_mm2": artefact_areas, "excluded_tiles": {
+                "near_white": int(white.sum()), "near_black": int(black.sum())}},
             "timing": {k: round(v, 3) for k, v in timings.items()},
             "outputs": {name: name for name in ("overlay.geojson", "tiles.geojson.gz", "tiles.zarr",
                                                 "overlay.png", "heatmap_viable_tumor.png")
                         if (slide_dir / name).exists()},
         })
+        # QC judges the tissue found (artefacts included), so excluded fractions are of all tissue
+        record["qc"] = slide_qc({**record, "status": "ok", "tissue_area_mm2": mask.area_mm2}, artefact_areas, cfg.qc)
     finally:
         slide.close()
     write_json_atomic(slide_dir / "slide.json", record)
     return record
+
+
+def _artefact_region(mask: TissueMask, artefacts: Any, blank: Any) -> Any:
+    """Excluded tissue in level-0 px: artefact pixels plus blank (near-white/black) cells."""
+    import shapely
+
+    from .regions import class_regions, tissue_polygons
+
+    excluded = tissue_polygons(TissueMask(mask.mask & artefacts.any, mask.downsample, mask.mpp))
+    if len(blank):
+        cells = class_regions(blank, np.zeros(len(blank), np.int64), TissueMask(
+            mask.mask & ~artefacts.any, mask.downsample, mask.mpp), (ARTEFACT,))[ARTEFACT]
+        excluded = shapely.union(excluded, cells)
+    return excluded
+
+
+def _on_thumbnail(layer: np.ndarray, downsample: float, shape: tuple[int, int], thumb_ds: float) -> np.ndarray:
+    """A boolean mask-grid layer resampled (nearest) to a thumbnail of ``shape``."""
+    ys = np.minimum(((np.arange(shape[0]) + 0.5) * thumb_ds / downsample).astype(np.int64), layer.shape[0] - 1)
+    xs = np.minimum(((np.arange(shape[1]) + 0.5) * thumb_ds / downsample).astype(np.int64), layer.shape[1] - 1)
+    return layer[np.ix_(ys, xs)]
 
 
 def _area_fields(areas: SlideAreas) -> dict[str, Any]:
@@ -191,7 +229,7 @@ def _slide_record(slide_id: str, path: Path, status: str, error: str | None, cla
         "model": classifier.describe(),
         "config": config_to_dict(cfg),
         "config_sha256": config_sha256(cfg),
-        "qc": {"flags": [], "reportable": status == "ok"},
+        "qc": slide_qc({"status": status, "error": error}, {}, cfg.qc) if status == "failed" else None,
     }
 
 
@@ -224,19 +262,14 @@ def aggregate_specimen(specimen_dir: Path, specimen_id: str, *,
     model = next((r["model"] for r in records), {})
     failed = [r for r in records if r["status"] == "failed"]
     status = "failed" if not usable else ("partial" if failed else "ok")
-    flags = []
-    if failed:
-        flags.append(f"specimen has {len(failed)} failed slide{'s' if len(failed) > 1 else ''} of {len(records)}")
-    models = {r["model"].get("sha256") for r in records}
-    if len(models) > 1:
-        flags.append(f"slides were scored with {len(models)} different models")
-    configs = {r["config_sha256"] for r in records}
-    if len(configs) > 1:
-        flags.append(f"slides were scored with {len(configs)} different configurations")
-    if "synthetic" in json.dumps(model.get("trained_on", "")).lower():
-        flags.append("demonstration model trained on synthetic slides; not for clinical use")
-    reportable = (status != "failed" and specimen.viable_percent is not None
-                  and len(models) == 1 and len(configs) == 1)
+    qc_cfg = QcConfig(**records[0]["config"]["qc"]) if records and "qc" in records[0].get("config", {}) else QcConfig()
+    qc = specimen_qc(records, specimen.to_dict(), model, qc_cfg)
+    for what, values in (("models", {r["model"].get("sha256") for r in records}),
+                         ("configurations", {r["config_sha256"] for r in records})):
+        if len(values) > 1:  # a specimen scored with mixed settings is not one measurement
+            qc["flags"].append({"code": f"mixed_{what}", "severity": "fail", "value": float(len(values)),
+                                "message": f"slides were scored with {len(values)} different {what}"})
+            qc.update(verdict="not_reportable", reportable=False)
     result = {
         "specimen_id": specimen_id,
         "status": status,
@@ -246,7 +279,7 @@ def aggregate_specimen(specimen_dir: Path, specimen_id: str, *,
         "config": records[0]["config"] if records else None,
         "classes": list(CLASSES),
         **{k: v for k, v in specimen.to_dict().items()},
-        "qc": {"flags": flags, "reportable": reportable},
+        "qc": qc,
         "slides": [_specimen_slide_entry(r) for r in records],
     }
     write_json_atomic(specimen_dir / "specimen.json", result)

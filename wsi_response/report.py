@@ -119,7 +119,7 @@ def render_report(specimen: Mapping[str, Any], images: Mapping[str, Mapping[str,
     qc = specimen.get("qc", {})
     eortc = specimen.get("eortc") or {}
     ci = specimen.get("viable_percent_ci95")
-    verdict = qc.get("verdict") or ("reportable" if qc.get("reportable") else "not reportable")
+    verdict = str(qc.get("verdict", "not assessed")).replace("_", " ")
     headline = (f"{_fmt(specimen.get('viable_percent'), 1)} % viable tumor"
                 if specimen.get("viable_percent") is not None else "No tumor bed found")
     ci_text = f"95 % interval {_fmt(ci[0], 1)}–{_fmt(ci[1], 1)} %" if ci else "no interval"
@@ -152,7 +152,8 @@ def render_report(specimen: Mapping[str, Any], images: Mapping[str, Mapping[str,
         "µm/px (source)", "Error"])
 
     flags = qc.get("flags") or []
-    flag_items = "".join(f"<li>{html.escape(str(f))}</li>" for f in flags) or "<li>none</li>"
+    flag_items = "".join(f"<li class='{html.escape(f['severity'])}'>{html.escape(f['severity'])}: "
+                         f"{html.escape(f['message'])}</li>" for f in flags) or "<li>none</li>"
     figures = []
     for slide_id, pngs in images.items():
         pics = "".join(f"<figure>{_img(png, f'{slide_id} {name}')}<figcaption>{html.escape(name)}</figcaption></figure>"
@@ -170,6 +171,8 @@ def render_report(specimen: Mapping[str, Any], images: Mapping[str, Mapping[str,
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 .headline {{ font-size: 2em; font-weight: bold; }}
 .warn {{ background: #fff3cd; border: 1px solid #e0b000; padding: .5em; }}
+.verdict {{ font-size: 1.3em; }} .not_reportable {{ color: #b00000; }} .reportable_with_caveats {{ color: #8a5a00; }}
+li.fail {{ color: #b00000; }} li.caveat {{ color: #8a5a00; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
 td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
 tr.total td {{ font-weight: bold; }}
@@ -180,7 +183,8 @@ pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
 <h1>Specimen {html.escape(str(specimen.get('specimen_id')))}</h1>
 {warning}
 <p class="headline">{headline}</p>
-<p>{ci_text} · {tier_text} · QC verdict: <b>{html.escape(str(verdict))}</b> · status {html.escape(str(specimen.get('status')))}</p>
+<p class="verdict {html.escape(str(qc.get('verdict')))}">QC verdict: <b>{html.escape(verdict)}</b></p>
+<p>{ci_text} · {tier_text} · status {html.escape(str(specimen.get('status')))}</p>
 <p>Tumor bed {_fmt(specimen.get('tumor_bed_area_mm2'))} mm² (viable + necrosis + fibrosis) of
 {_fmt(specimen.get('tissue_area_mm2'))} mm² tissue; necrosis {_fmt(specimen.get('necrosis_percent'), 1)} %,
 fibrosis {_fmt(specimen.get('fibrosis_percent'), 1)} % of the bed. Areas are summed over all slides.</p>

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import numpy as np
@@ -27,7 +27,7 @@ from .jpegtiles import JpegTileReader, open_jpeg_tile_reader
 from .slide import Slide
 from .tissue import TissueMask
 
-__all__ = ["TileGrid", "TileReader", "tile_grid"]
+__all__ = ["TileGrid", "TileReader", "tile_grid", "cell_means"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,14 @@ class TileGrid:
     def n_chunks(self) -> int:
         return int(self.chunk_starts.shape[0] - 1)
 
+    def subset(self, keep: np.ndarray) -> "TileGrid":
+        """The grid of the tiles where ``keep`` (N,) bool is True, chunk order kept."""
+        cols_rows = self.cols_rows[keep]
+        blocks = cols_rows // self.chunk_cells
+        change = np.flatnonzero((np.diff(blocks, axis=0) != 0).any(axis=1)) + 1 if len(blocks) else []
+        starts = np.concatenate([[0], change, [len(blocks)]]).astype(np.int64) if len(blocks) else np.zeros(1, np.int64)
+        return replace(self, cols_rows=cols_rows, tissue_fraction=self.tissue_fraction[keep], chunk_starts=starts)
+
 
 def tile_grid(slide: Slide, mask: TissueMask, cfg: TilingConfig = TilingConfig()) -> TileGrid:
     """Cells with at least ``cfg.min_tissue_fraction`` tissue, at ``cfg.target_mpp`` µm/px."""
@@ -125,7 +133,7 @@ def tile_grid(slide: Slide, mask: TissueMask, cfg: TilingConfig = TilingConfig()
     cell_mask_px = stride_l0 / mask.downsample
     xs = np.arange(n_cols + 1) * cell_mask_px
     ys = np.arange(n_rows + 1) * cell_mask_px
-    fractions = _box_means(mask.mask, xs, ys)  # (n_rows, n_cols)
+    fractions = np.clip(_box_means(mask.mask, xs, ys), 0.0, 1.0)  # (n_rows, n_cols)
 
     keep = (fractions > 0) & (fractions >= cfg.min_tissue_fraction)
     level = slide.level_for_mpp(cfg.target_mpp)
@@ -152,6 +160,22 @@ def tile_grid(slide: Slide, mask: TissueMask, cfg: TilingConfig = TilingConfig()
     )
 
 
+def cell_means(grid: TileGrid, image: np.ndarray, downsample: float) -> np.ndarray:
+    """(N,) mean of a ``[y, x]`` ``image`` (``downsample`` level-0 px per px) over each tile's cell.
+
+    Exact fractional-pixel averaging; the part of a cell outside the image does not count.
+    """
+    if len(grid) == 0:
+        return np.zeros(0, np.float64)
+    cell_px = grid.stride_l0 / downsample
+    n_cols, n_rows = (int(v) + 1 for v in grid.cols_rows.max(axis=0))
+    xs, ys = np.arange(n_cols + 1) * cell_px, np.arange(n_rows + 1) * cell_px
+    sums = _box_means(image, xs, ys)
+    covered = _box_means(np.ones(image.shape, bool), xs, ys)
+    rows, cols = grid.cols_rows[:, 1], grid.cols_rows[:, 0]
+    return sums[rows, cols] / np.maximum(covered[rows, cols], 1e-12)
+
+
 def _box_means(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     """Mean of ``mask`` over boxes [xs[j], xs[j+1]) × [ys[i], ys[i+1]) in fractional mask px.
 
@@ -174,7 +198,7 @@ def _box_means(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     corners = along_x[y0, :] * (1 - fy)[:, None] + along_x[y1, :] * fy[:, None]  # (n_rows+1, n_cols+1)
     sums = corners[1:, 1:] - corners[:-1, 1:] - corners[1:, :-1] + corners[:-1, :-1]
     area = np.diff(xs)[None, :] * np.diff(ys)[:, None]
-    return np.clip(sums / area, 0.0, 1.0)
+    return sums / area
 
 
 class TileReader:
