@@ -84,13 +84,5 @@ def cli(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 3
                           text=True, timeout=timeout, env=env)
 
 
-def copy_manifest(data: BatchData, folder: Path) -> Path:
-    """The manifest with absolute paths, written to ``folder`` (slides stay where they are)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "manifest.csv"
-    path.write_text("specimen_id,slide_path\n" + "".join(f'{s},"{p}"\n' for s, p in data.rows), encoding="utf-8")
-    return path
-
-
-__all__ = ["BatchData", "batch_data", "without_timing", "specimen_json", "slide_json", "cli", "copy_manifest",
-           "OVERRIDES", "DEVICE"]
+__all__ = ["BatchData", "batch_data", "without_timing", "specimen_json", "slide_json", "cli", "OVERRIDES",
+           "DEVICE"]

@@ -80,7 +80,8 @@ class BatchResult:
     skipped: list[SlideTask] = field(default_factory=list)
     statuses: dict[SlideTask, str] = field(default_factory=dict)
     aggregated: list[str] = field(default_factory=list)
-    stopped_by: int | None = None   # signal number that ended the run early
+    summary: dict[str, Any] | None = None   # batch-summary.json, written by an unsharded run
+    stopped_by: int | None = None           # signal number that ended the run early
 
     @property
     def failed(self) -> list[SlideTask]:
@@ -195,7 +196,7 @@ def worker_devices(gpus: str | None, workers: int | None, visible: Sequence[str]
     return [ids[i % len(ids)] for i in range(workers or len(ids))]
 
 
-def visible_gpus() -> list[str]:
+def _visible_gpus() -> list[str]:
     """GPU ids this process may use: ``CUDA_VISIBLE_DEVICES`` when set (SLURM sets it), else torch's count."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
@@ -352,12 +353,12 @@ def _cpu_count() -> int:
     return min(n, int(slurm)) if slurm.isdigit() and int(slurm) > 0 else n
 
 
-def _death_message(exitcode: int | None) -> str:
+def _death(exitcode: int | None) -> str:
+    """How a worker process ended, e.g. ``died by SIGSEGV (a crash in a slide codec?)``."""
     if exitcode is not None and exitcode < 0:
-        name = signal.Signals(-exitcode).name
-        hint = " (out of memory?)" if -exitcode == signal.SIGKILL else " (a crash in a slide codec?)"
-        return f"the worker process died by {name} while processing this slide{hint}"
-    return f"the worker process exited with code {exitcode} while processing this slide"
+        hint = "out of memory?" if -exitcode == signal.SIGKILL else "a crash in a slide codec?"
+        return f"died by {signal.Signals(-exitcode).name} ({hint})"
+    return f"exited with code {exitcode}"
 
 
 # --------------------------------------------------------------------------- running a batch
@@ -386,14 +387,18 @@ class _StopFlag:
 
 def run_batch(tasks: Sequence[SlideTask], out_dir: Path, classifier: Any, cfg: Config, *, task_index: int = 0,
               task_count: int = 1, gpus: str | None = None, workers: int | None = None,
-              quiet: bool = False) -> BatchResult:
+              manifest: Path | None = None, quiet: bool = False) -> BatchResult:
     """Run shard ``task_index`` of ``task_count`` of ``tasks`` into ``out_dir`` (see the module doc).
 
-    ``classifier`` must have been loaded from a file (``classifier.path``); workers reload it.
-    Raises :class:`OutputError` when the output cannot be written (the run stops).
+    Then aggregates the shard's complete specimens; an unsharded run (``task_count == 1``) also
+    writes the batch summary (:func:`finalize_batch`). ``classifier`` must have been loaded from a
+    file (``classifier.path``); workers reload it. Raises :class:`OutputError` when the output
+    cannot be written (the run stops).
     """
     out_dir = Path(out_dir)
     mine = shard(tasks, task_index, task_count)
+    if gpus is not None and cfg.inference.device == "cpu":
+        raise ConfigError(f"--gpus {gpus} with device cpu; leave out --gpus (use --workers N for CPU workers)")
     check_writable(out_dir)
     model_sha, cfg_sha = classifier.sha256, config_sha256(cfg)
     result = BatchResult(tasks=mine)
@@ -402,12 +407,17 @@ def run_batch(tasks: Sequence[SlideTask], out_dir: Path, classifier: Any, cfg: C
         (result.skipped if _is_done(out_dir, task, model_sha, cfg_sha) else todo).append(task)
     log = _Log(len(mine), len(result.skipped), quiet)
     if todo:
-        devices = worker_devices(gpus, workers, visible_gpus() if gpus is not None else [])
+        devices = worker_devices(gpus, workers, _visible_gpus() if gpus is not None else [])
         with _StopFlag() as stop:
             _run_pool(todo, out_dir, classifier, cfg, devices[:len(todo)], result, stop, log)
             result.stopped_by = stop.signum
     log.close()
-    if result.stopped_by is None:
+    if result.stopped_by is not None:
+        return result
+    if task_count == 1:
+        result.summary = finalize_batch(tasks, out_dir, model_sha, cfg, manifest)
+        result.aggregated = [s["specimen_id"] for s in result.summary["specimens"] if s["status"] != "incomplete"]
+    else:
         result.aggregated = _aggregate_complete(tasks, (t.specimen_id for t in mine), out_dir, model_sha, cfg_sha)
     return result
 
@@ -442,7 +452,7 @@ def _run_pool(todo: list[SlideTask], out_dir: Path, classifier: Any, cfg: Config
                         w.task = None
                 if not w.process.is_alive() and stop.signum is None:
                     if not w.ready:
-                        raise WsiResponseError(f"worker process exited during start-up ({_death_message(w.process.exitcode)})")
+                        raise WsiResponseError(f"the worker process {_death(w.process.exitcode)} while starting")
                     if w.task is not None:
                         _record_crash(w.task, out_dir, classifier, cfg, w.process.exitcode, result, log)
                         w.task = None
@@ -456,8 +466,12 @@ def _record_crash(task: SlideTask, out_dir: Path, classifier: Any, cfg: Config, 
     if _is_done(out_dir, task, classifier.sha256, config_sha256(cfg)):   # died after writing slide.json
         result.statuses[task] = "ok"
         return
-    error = SlideReadError(task.path, _death_message(exitcode))
-    record = record_failure(task.path, task.slide_id, task.slide_dir(out_dir), classifier, cfg, error)
+    error = SlideReadError(task.path, f"the worker process {_death(exitcode)} while processing this slide")
+    try:
+        record = record_failure(task.path, task.slide_id, task.slide_dir(out_dir), classifier, cfg, error)
+    except OSError as exc:
+        raise_if_environment(exc, out_dir)
+        raise
     result.statuses[task] = "failed"
     log.slide(task, record)
 

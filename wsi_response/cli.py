@@ -16,6 +16,7 @@ from .errors import ConfigError, WsiResponseError
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+MAX_ARRAY_TASKS = 1000  # SLURM's default MaxArraySize is 1001
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -50,10 +51,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from .synth import synth_specimen
+    from .synth import ARTEFACTS, synth_specimen
 
+    artefacts = tuple(k.strip() for k in (args.artefacts or "").split(",") if k.strip())
+    unknown = [k for k in artefacts if k not in ARTEFACTS]
+    if unknown:
+        raise ConfigError(f"--artefacts: unknown {', '.join(unknown)} (choose from {','.join(ARTEFACTS)})")
     truth = synth_specimen(args.out, args.specimen, args.slides, seed=args.seed, size_px=args.size,
-                           mpp=args.mpp, viable_fraction=args.viable_fraction, fmt=args.format)
+                           mpp=args.mpp, viable_fraction=args.viable_fraction, fmt=args.format,
+                           artefacts=artefacts)
     for slide in truth.slides:
         print(f"{slide.slide_path}  tissue {slide.tissue_area_mm2:.2f} mm²")
     print(f"specimen {truth.specimen_id}: {len(truth.slides)} slides, true viable {truth.viable_percent:.2f} % "
@@ -124,8 +130,9 @@ def _print_specimen(result: dict, out: Path, as_json: bool) -> None:
     headline = (f"viable tumor {viable:.1f} % of the tumor bed (95 % interval {ci[0]:.1f}–{ci[1]:.1f} %), "
                 f"EORTC-STBSG {tier}" if viable is not None else "no tumor bed found")
     print(f"specimen {result['specimen_id']} [{result['status']}]: {headline}")
+    print(f"  QC verdict: {result['qc']['verdict']}")
     for flag in result["qc"]["flags"]:
-        print(f"  QC: {flag}")
+        print(f"  QC {flag['severity']}: {flag['message']}")
     for slide in result["slides"]:
         if slide["status"] == "failed":
             print(f"  failed: {slide['error']}")
@@ -165,6 +172,95 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
         _print_specimen(result, folder.parent, False)
         code = max(code, _exit_code(result))
     return code
+
+
+def _read_batch_manifest(args: argparse.Namespace):
+    """Manifest rows, and the config and classifier of a batch (``--model``, ``--config``, ``key=value``)."""
+    from .batch import read_manifest
+
+    tasks = read_manifest(args.manifest)
+    cfg, classifier = _load_run_setup(args, list(args.overrides))
+    return tasks, cfg, classifier
+
+
+def _print_batch_summary(summary: dict) -> None:
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(summary["counts"].items()))
+    print(f"batch: {summary['n_slides']} slides: {counts}")
+    for s in summary["failed"]:
+        print(f"  failed: {s['specimen_id']}/{s['slide_id']}: {s['error']}")
+    for s in summary["not_done"]:
+        print(f"  not done: {s['specimen_id']}/{s['slide_id']}: {s['path']}")
+    for s in summary["specimens"]:
+        viable = s.get("viable_percent")
+        numbers = f": viable {viable:.1f} %, EORTC-STBSG {s.get('eortc_tier')}" if viable is not None else ""
+        print(f"  specimen {s['specimen_id']} [{s['status']}]{numbers}")
+    if summary["not_done"]:
+        print("  run the same command again to finish the slides not done (finished ones are kept)")
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    import signal
+
+    from .batch import SUMMARY_NAME, finalize_batch, missing_slides, run_batch, shard, task_from_env
+
+    tasks, cfg, classifier = _read_batch_manifest(args)
+    if args.aggregate_only:
+        summary = finalize_batch(tasks, args.out, classifier.sha256, cfg, args.manifest.resolve())
+        _print_batch_summary(summary)
+        print(f"summary: {args.out / SUMMARY_NAME}")
+        return EXIT_FAILED if summary["failed"] or summary["not_done"] else EXIT_OK
+    if (args.task_index is None) != (args.task_count is None):
+        raise ConfigError("batch: give both --task-index and --task-count, or neither")
+    index, count = ((args.task_index, args.task_count) if args.task_index is not None
+                    else task_from_env() or (0, 1))
+    missing = missing_slides(shard(tasks, index, count))
+    if missing:
+        print(f"wsi-response: {len(missing)} slide file(s) in {args.manifest} do not exist; they are recorded as "
+              "failed: " + "; ".join(f"line {t.line}: {t.path}" for t in missing), file=sys.stderr)
+    result = run_batch(tasks, args.out, classifier, cfg, task_index=index, task_count=count, gpus=args.gpus,
+                       workers=args.workers, manifest=args.manifest.resolve(), quiet=args.quiet)
+    if result.stopped_by is not None:
+        name = signal.Signals(result.stopped_by).name
+        print(f"wsi-response: stopped by {name}: {len(result.statuses)} slides finished in this run, "
+              f"{len(result.tasks) - len(result.skipped) - len(result.statuses)} left; finished slides are kept; "
+              "run the same command again to continue", file=sys.stderr)
+        return 128 + result.stopped_by
+    if result.summary is not None:
+        _print_batch_summary(result.summary)
+        print(f"summary: {args.out / SUMMARY_NAME}")
+    else:
+        print(f"batch task {index} of {count}: {len(result.tasks)} slides, {len(result.skipped)} already done, "
+              f"{len(result.failed)} failed; aggregated: {', '.join(result.aggregated) or 'none yet'}")
+    return EXIT_FAILED if result.failed else EXIT_OK
+
+
+def _cmd_slurm(args: argparse.Namespace) -> int:
+    from .slurm import SlurmOptions, submit
+
+    if args.gpus_per_task and args.device == "cpu":
+        raise ConfigError(f"slurm: --device cpu with --gpus-per-task {args.gpus_per_task}; pass --gpus-per-task 0")
+    tasks, _, _ = _read_batch_manifest(args)   # usage, config and model errors before anything is queued
+    n_tasks = min(args.tasks or MAX_ARRAY_TASKS, len(tasks))
+    opts = SlurmOptions(tasks=n_tasks, max_parallel=args.max_parallel, partition=args.partition,
+                        gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task, mem=args.mem,
+                        time=args.time)
+    batch_args = [*(["--model", str(args.model.resolve())] if args.model else []),
+                  *(["--config", str(args.config.resolve())] if args.config else []),
+                  *(["--device", args.device] if args.device else []),
+                  *(["--workers", str(args.workers)] if args.workers else []),
+                  *args.overrides]
+    array_id, aggregate_id, jobs = submit(args.manifest, args.out, opts, batch_args, dry_run=args.dry_run)
+    if args.dry_run:
+        for job in jobs:
+            print(job.shell())
+        return EXIT_OK
+    logs = args.out.resolve() / "logs"
+    print(f"submitted array job {array_id}: {n_tasks} tasks over {len(tasks)} slides"
+          + (f", at most {args.max_parallel} at once" if args.max_parallel else "") + f"; logs {logs}/{array_id}_<task>.out")
+    print(f"submitted aggregate job {aggregate_id} (runs when {array_id} has ended); "
+          f"summary {args.out.resolve() / 'batch-summary.json'}")
+    print("after a time limit or a failure, run the same command again: finished slides are kept")
+    return EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -210,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--viable-fraction", type=float, default=None,
                    help="target viable / tumor bed (0-1); random per slide if omitted")
     p.add_argument("--format", choices=("svs", "tiff"), default="svs")
+    p.add_argument("--artefacts", default="", metavar="KINDS",
+                   help="comma-separated artefacts to add: pen,blur,fold,bubble (default none)")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("train", help="train a tile classifier from slides and QuPath annotations")
@@ -251,6 +349,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_aggregate)
 
+    def batch_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("manifest", type=Path, help="CSV with header specimen_id,slide_path")
+        p.add_argument("--out", type=Path, required=True)
+        p.add_argument("--workers", type=int, default=None,
+                       help="worker processes, one slide each at a time (default: one per GPU, else 1)")
+        run_options(p)
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+    p = sub.add_parser("batch", help="score the slides of a manifest (resumable; one shard of a job array)")
+    batch_options(p)
+    p.add_argument("--task-index", type=int, default=None,
+                   help="this task's shard, 0-based (default: from SLURM_ARRAY_TASK_ID, else 0)")
+    p.add_argument("--task-count", type=int, default=None, help="number of shards (default: SLURM_ARRAY_TASK_COUNT, else 1)")
+    p.add_argument("--gpus", default=None, metavar="all|N", help="spread slides over these GPUs, one worker each")
+    p.add_argument("--aggregate-only", action="store_true",
+                   help="run no slide: aggregate complete specimens, write DIR/batch-summary.json, list failures")
+    p.set_defaults(func=_cmd_batch)
+
+    p = sub.add_parser("slurm", help="submit a batch as a SLURM job array plus a follow-up aggregate job")
+    batch_options(p)
+    p.add_argument("--partition", default=None)
+    p.add_argument("--tasks", type=int, default=None,
+                   help=f"array tasks (default: one per slide, at most {MAX_ARRAY_TASKS})")
+    p.add_argument("--max-parallel", type=int, default=None, help="array tasks running at once")
+    p.add_argument("--gpus-per-task", type=int, default=1, help="GPUs per task (0: CPU only; default 1)")
+    p.add_argument("--cpus-per-task", type=int, default=None)
+    p.add_argument("--mem", default=None, help="memory per task, sbatch syntax (e.g. 16G)")
+    p.add_argument("--time", default=None, help="time limit per task, sbatch syntax (e.g. 2:00:00)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch calls and scripts; submit nothing")
+    p.set_defaults(func=_cmd_slurm)
+
     p = sub.add_parser("demo", help="make a synthetic specimen and score it with the bundled demo model")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--slides", type=int, default=3)
@@ -263,7 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)  # key=value overrides may follow the options
+    target = "items" if hasattr(args, "items") else "overrides"  # `run` takes slides and overrides together
+    if extra and isinstance(getattr(args, target, None), list) and not any(e.startswith("-") for e in extra):
+        setattr(args, target, getattr(args, target) + extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

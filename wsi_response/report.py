@@ -48,7 +48,7 @@ def _mask_on(mask: TissueMask, shape: tuple[int, int], downsample: float) -> np.
 
 def _png(image: np.ndarray | Image.Image) -> bytes:
     buf = io.BytesIO()
-    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, format="PNG", optimize=True)
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
 
 
