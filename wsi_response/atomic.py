@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-__all__ = ["atomic_open", "write_atomic", "write_json_atomic", "PARTIAL_SUFFIX"]
+__all__ = ["atomic_open", "write_atomic", "write_json_atomic", "remove_partials", "PARTIAL_SUFFIX"]
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -25,7 +25,8 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results are shared files
-        with os.fdopen(fd, "wb") as fh:
+        os.close(fd)
+        with open(tmp, "wb") as fh:  # a named handle (some writers, e.g. tifffile, need the name)
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
@@ -51,6 +52,13 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
 def write_json_atomic(path: str | os.PathLike[str], value: Any) -> None:
     """Write ``value`` as indented UTF-8 JSON (keys in insertion order) atomically."""
     write_atomic(path, (json.dumps(value, indent=2, ensure_ascii=False, default=_jsonable) + "\n").encode("utf-8"))
+
+
+def remove_partials(folder: str | os.PathLike[str]) -> None:
+    """Delete the temporary files that writers killed mid-write left in ``folder`` (not below it)."""
+    for stale in Path(folder).glob(f".*{PARTIAL_SUFFIX}"):
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
 
 
 def _jsonable(value: Any) -> Any:

@@ -43,10 +43,11 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 
+from .atomic import atomic_open, write_atomic
 from .classes import CLASSES, COLORS_RGB, QUPATH_NAMES, TUMOR_BED
 
 __all__ = [
@@ -146,31 +147,12 @@ def _viable_percent(areas: dict[str, float]) -> float:
 # --------------------------------------------------------------------------- small helpers
 
 
-def _atomic_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def _write_png_atomic(path: Path, raster: np.ndarray) -> None:
     """A uint8 ``[y, x]`` raster as a lossless greyscale PNG."""
     from PIL import Image
 
-    tmp = _atomic_path(path)
-    try:
-        Image.fromarray(raster, mode="L").save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = _atomic_path(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_open(path) as fh:
+        Image.fromarray(raster, mode="L").save(fh, format="PNG")
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
@@ -752,7 +734,7 @@ def _app_mag(mpp: float) -> int:
     return max(1, int(round(10.0 / mpp)))
 
 
-def _write_tiff(path: Path, fmt: str, renderers: list[_LevelRenderer], W: int, H: int,
+def _write_tiff(path: Path | BinaryIO, fmt: str, renderers: list[_LevelRenderer], W: int, H: int,
                 mpp: float, jpeg_quality: int) -> None:
     import tifffile
 
@@ -965,13 +947,8 @@ def synth_slide(
                        art, ink, BLUR_SIGMA_UM / mpp)
         for f in factors
     ]
-    tmp = _atomic_path(path)
-    try:
-        _write_tiff(tmp, fmt, renderers, W, H, mpp, jpeg_quality)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_open(path) as fh:
+        _write_tiff(fh, fmt, renderers, W, H, mpp, jpeg_quality)
     del renderers, atlases
 
     stem = path.with_suffix("")
@@ -983,8 +960,8 @@ def synth_slide(
     _write_png_atomic(label_path, labels)
 
     full, partial = _annotations(rng, labels, ds, mpp)
-    _write_text_atomic(ann_path, json.dumps(full))
-    _write_text_atomic(part_path, json.dumps(partial))
+    write_atomic(ann_path, json.dumps(full).encode())
+    write_atomic(part_path, json.dumps(partial).encode())
 
     counts = np.bincount(labels.ravel(), minlength=1 + len(CLASSES))
     px_mm2 = (ds * mpp / 1000.0) ** 2
@@ -1022,7 +999,7 @@ def synth_slide(
         doc["artefact_areas_mm2"] = {k: float(m.sum()) * px_mm2 for k, m in layers.items()}
         doc["artefact_tissue_areas_mm2"] = {k: float((m & (labels > 0)).sum()) * px_mm2
                                             for k, m in layers.items()}
-    _write_text_atomic(truth_path, json.dumps(doc, indent=2))
+    write_atomic(truth_path, json.dumps(doc, indent=2).encode())
     return load_slide_truth(truth_path)
 
 
@@ -1070,7 +1047,7 @@ def synth_specimen(
         "tumor_bed_area_mm2": float(sum(areas[c] for c in TUMOR_BED)),
         "viable_percent": _viable_percent(areas),
     }
-    _write_text_atomic(truth_path, json.dumps(doc, indent=2))
+    write_atomic(truth_path, json.dumps(doc, indent=2).encode())
     return load_specimen_truth(truth_path)
 
 
