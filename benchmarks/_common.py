@@ -11,13 +11,19 @@ from wsi_response.tiling import TileGrid, TileReader, tile_grid
 from wsi_response.tissue import detect_tissue
 
 
+def bench_slide(folder: Path, size_px: tuple[int, int], seed: int = 1) -> Path:
+    """Path of a synthetic 0.25 µm/px SVS of ``size_px`` (level-0 px), written once into ``folder``."""
+    path = folder / (f"bench-{size_px[0]}x{size_px[1]}.svs" if seed == 1 else
+                     f"bench-{size_px[0]}x{size_px[1]}-seed{seed}.svs")
+    if not path.with_suffix(".truth.json").is_file():
+        synth_slide(path, size_px=size_px, mpp=0.25, seed=seed)
+    return path
+
+
 def slide_and_grid(folder: Path, size_px: tuple[int, int], tiling: TilingConfig = TilingConfig()
                    ) -> tuple[Slide, TileGrid]:
     """A synthetic 0.25 µm/px slide of ``size_px`` (cached in ``folder``) and its tile grid."""
-    path = folder / f"bench-{size_px[0]}x{size_px[1]}.svs"
-    if not path.with_suffix(".truth.json").is_file():
-        synth_slide(path, size_px=size_px, mpp=0.25, seed=1)
-    slide = open_slide(path)
+    slide = open_slide(bench_slide(folder, size_px))
     return slide, tile_grid(slide, detect_tissue(slide), tiling)
 
 
