@@ -1,29 +1,52 @@
-"""Held-out tile-level metrics of demo models: ``evaluate_demo.py VAL_DIR MODEL...`` prints JSON.
+"""Held-out tile-level metrics of demo models.
 
-Truth: every non-overlapping grid tile lying inside a full-region annotation of the held-out
-synthetic slides (``<stem>.annotations.geojson``).
+    evaluate_demo.py --held-out DIR [--held-out DIR ...] MODEL [MODEL ...]   > metrics.json
+
+Truth: every non-overlapping grid tile (224 px at 1.0 µm/px) lying at least half inside a
+full-region annotation (``<stem>.annotations.geojson``) of the synthetic slides ``DIR/*/*.svs``
+(specimens never used in training). Metrics pooled over all folders (``held_out``) and per folder
+(``by_folder``). Tiles are read once and scored by every model.
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
+
+import numpy as np
 
 from wsi_response.classifier import load_classifier
 from wsi_response.config import Config
-from wsi_response.train import evaluate_annotated
+from wsi_response.inference import resolve_device
+from wsi_response.train import classification_metrics, load_tileset, predict_tiles
 
 
-def main(val_dir: str, *models: str) -> None:
-    slides = sorted(Path(val_dir).glob("*/*.svs"))
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--held-out", type=Path, action="append", required=True, help="folder of held-out specimens")
+    p.add_argument("models", nargs="+")
+    args = p.parse_args(argv)
+    cfg = Config()
+    slides = [s for d in args.held_out for s in sorted(d.glob("*/*.svs"))]
+    folder = np.array([next(i for i, d in enumerate(args.held_out) if s.is_relative_to(d)) for s in slides])
     pairs = [(s, s.with_suffix(".annotations.geojson")) for s in slides]
+    data = load_tileset(pairs, cfg, stride_um=cfg.tiling.tile_px * cfg.tiling.target_mpp, cap_per_class=100_000)
+    tile_folder = folder[data.slide_index]
     out = {}
-    for path in models:
-        clf = load_classifier(path)
-        out[Path(path).name] = {"sha256": clf.sha256, "trained_on": clf.trained_on["annotations"][0],
-                                "held_out": evaluate_annotated(clf, pairs, Config(), device="cpu")}
+    for path in args.models:
+        clf = load_classifier(path, cfg.tiling)
+        pred = predict_tiles(clf, data.tiles, resolve_device("cpu")).argmax(axis=1)
+        out[Path(path).name] = {
+            "sha256": clf.sha256,
+            "trained_on": {"annotations": clf.trained_on["annotations"][0].split(".", 1)[1],
+                           "n_slides": clf.trained_on["n_slides"],
+                           "train_tiles_per_class": clf.trained_on["train_tiles_per_class"]},
+            "held_out": {**classification_metrics(data.labels, pred), "slides": list(data.slide_names)},
+            "by_folder": {str(d): classification_metrics(data.labels[tile_folder == i], pred[tile_folder == i])
+                          for i, d in enumerate(args.held_out)},
+        }
     print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main()

@@ -111,3 +111,33 @@ def test_cli_train_on_partial_annotations(specimen, tmp_path, capsys):
     rc = main(["train", "--slides", str(s[0].slide_path), "--annotations", str(s[0].annotations_path),
                "--out", str(out), "--device", "cpu", "--quiet", *TINY, "training.val_split=0.5"])
     assert rc == 2 and "needs at least 2 slides" in capsys.readouterr().err
+
+
+def test_training_reads_the_pixels_inference_reads(specimen):
+    from wsi_response.tiling import TileReader, tile_grid
+    from wsi_response.tissue import detect_tissue
+
+    cfg = load_config(overrides=TINY)
+    with open_slide(specimen.slides[0].slide_path) as slide:
+        grid = tile_grid(slide, detect_tissue(slide), cfg.tiling)
+        reader = TileReader(slide, grid)
+        indices, chunk = reader.read_chunk(grid.n_chunks // 2)
+        assert np.array_equal(reader.read_tiles(indices), chunk)  # sampling path == inference path
+        reader.close()
+
+
+def test_colour_augmentation_is_sane(specimen):
+    import torch
+
+    from wsi_response.classifier import to_unit_float
+    from wsi_response.train import hed_jitter, light_jitter
+
+    s = specimen.slides[0]
+    data = load_tileset([(s.slide_path, s.annotations_path)], load_config(overrides=TINY), cap_per_class=4)
+    x = to_unit_float(torch.from_numpy(data.tiles))
+    gen = torch.Generator().manual_seed(0)
+    assert float((hed_jitter(x.clone(), 0.0, gen) - x).abs().mean()) < 2 / 255  # HED round trip ~ identity
+    assert torch.allclose(light_jitter(x.clone(), 0.0, gen), x, atol=1e-6)
+    y = light_jitter(hed_jitter(x.clone(), 0.2, gen), 0.2, gen)
+    change = (y - x).abs().mean(dim=(1, 2, 3)) * 255
+    assert y.min() >= 0 and y.max() <= 1 and float(change.max()) < 60 and float(change.mean()) > 1

@@ -271,7 +271,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     data = args.out / "slides"
     if not args.quiet:
         print(f"writing a synthetic specimen ({args.slides} slides) to {data} ...", file=sys.stderr)
-    truth = synth_specimen(data, specimen_id, args.slides, seed=args.seed, size_px=(8000, 6000), mpp=0.25,
+    truth = synth_specimen(data, specimen_id, args.slides, seed=args.seed, size_px=(12000, 9000), mpp=0.25,
                            viable_fraction=0.2)
     cfg, classifier = _load_run_setup(args, [])
     result = run_specimen([s.slide_path for s in truth.slides], specimen_id, args.out / "results", classifier,

@@ -119,7 +119,7 @@ class TrainingConfig:
     sample_stride_um: float = _f(56.0, range=(1.0, 10000.0))  # step between candidate tile centres, µm
     min_inside_fraction: float = _f(0.5, range=(0.0, 1.0))    # of a tile's area inside its polygon
     max_tiles_per_class_per_slide: int = _f(300, range=(1, 1_000_000))  # cap, drawn at random
-    hed_jitter: float = _f(0.05, range=(0.0, 0.5))            # HED stain scale/shift half-range (0: off)
+    hed_jitter: float = _f(0.05, range=(0.0, 0.5))            # colour augmentation: HED scale half-range (shift 1/20, brightness/contrast 1/2 of it; 0: off)
     amp_dtype: str = _f("bf16", choices=("bf16", "fp16"))     # CUDA autocast dtype (CPU trains in float32)
     num_threads: int = _f(0, range=(0, 256))                  # CPU threads for torch (0: torch's default)
 
