@@ -26,7 +26,7 @@ from PIL import Image
 from wsi_response.config import TilingConfig
 from wsi_response.slide import open_slide
 from wsi_response.synth import synth_slide
-from wsi_response.tiling import TileReader, tile_grid
+from wsi_response.tiling import TileReader, resample_tile, tile_grid
 from wsi_response.tissue import detect_tissue
 
 
@@ -39,9 +39,7 @@ def openslide_tiles(path: Path, grid, indices: np.ndarray) -> np.ndarray:
     for i, (x, y) in enumerate(grid.level_origins()[indices]):
         rgba = osr.read_region((int(round(x * ds)), int(round(y * ds))), grid.read_level, size)
         tile = Image.alpha_composite(white, rgba).convert("RGB")  # transparent = glass, as the reader does
-        if tile.size != (grid.tile_px, grid.tile_px):
-            tile = tile.resize((grid.tile_px, grid.tile_px), Image.Resampling.BILINEAR)
-        out[i] = np.asarray(tile)
+        out[i] = resample_tile(np.asarray(tile), grid.tile_px)
     return out
 
 

@@ -61,10 +61,11 @@ def _assert_chunks_match(slide, grid) -> None:
     reader.close()
 
 
-@pytest.mark.parametrize("case, atol", [("resampled", 0.05), ("exact", 1e-5)])
+@pytest.mark.parametrize("case, atol", [("resampled", 0.1), ("exact", 1e-5)])
 def test_device_decode_equals_worker_decode(case, atol, request):
-    """Same pixels where no resampling is needed; off the level's resolution the device resizes
-    full-size tiles (antialiased bilinear) where the workers use PIL: a fraction of a grey level."""
+    """Same pixels where no resampling is needed. At half the level's resolution the workers use
+    libjpeg-turbo's half-size DCT decode and the device averages 2 x 2 full-size pixels: under one
+    grey level apart on average (checked per chunk), a few hundredths in probability."""
     slide, grid, clf = request.getfixturevalue(case)
     assert grid.n_chunks > 1 and (grid.level_tile_px != grid.tile_px) == (case == "resampled")
     _assert_chunks_match(slide, grid)
@@ -82,8 +83,8 @@ def test_aperio_rgb_jpeg_decodes_with_the_right_colours(cmu_slide_path):
 
 def test_probe_mismatch_falls_back_to_workers_with_one_warning(resampled, monkeypatch):
     slide, grid, clf = resampled
-    expected = predict(slide, grid, clf, num_workers=0, device="cpu")
     monkeypatch.setattr(TileReader, "MAX_PROBE_MAD", -1.0)
+    expected = predict(slide, grid, clf, num_workers=0, device="cpu")
     with pytest.warns(RuntimeWarning, match="probe tiles differ .* decoding in the workers instead") as caught:
         got = predict(slide, grid, clf, num_workers=0, device="cpu", decode="device")
     assert len([w for w in caught if "inference.decode" in str(w.message)]) == 1

@@ -11,7 +11,7 @@ from PIL import Image
 
 from wsi_response.config import TilingConfig
 from wsi_response.slide import open_slide
-from wsi_response.tiling import TileReader, tile_grid
+from wsi_response.tiling import TileReader, resample_tile, tile_grid
 from wsi_response.tissue import detect_tissue
 
 
@@ -65,9 +65,7 @@ def _openslide_tiles(path, grid, indices):
         rgba = osr.read_region((int(round(x * ds)), int(round(y * ds))), grid.read_level,
                                (grid.level_tile_px, grid.level_tile_px))
         tile = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-        if tile.size != (grid.tile_px, grid.tile_px):
-            tile = tile.resize((grid.tile_px, grid.tile_px), Image.Resampling.BILINEAR)
-        out.append(np.asarray(tile))
+        out.append(resample_tile(np.asarray(tile), grid.tile_px))
     return np.stack(out)
 
 

@@ -200,7 +200,7 @@ class DeviceDecoder:
     ``source`` (picklable) fetches each chunk's compressed tiles in the workers; :meth:`decode`
     decodes many chunks in one batched ``decode_jpeg`` call, lays each chunk's stored tiles out
     as its region (white outside the level, like ``read_clipped``), gathers the grid tiles from it
-    and resamples them (bilinear, antialiased, like the reader's PIL resize) when the level is
+    and resamples them (with the filters of ``tiling.resample_tile``) when the level is
     not at the grid's resolution. Use :meth:`open`, which checks the slide first.
     """
 
@@ -292,8 +292,12 @@ class DeviceDecoder:
         n = self.grid.tile_px
         if size == n:
             return tiles
-        resized = torch.nn.functional.interpolate(tiles.permute(0, 3, 1, 2).float(), size=(n, n), mode="bilinear",
-                                                  align_corners=False, antialias=True)
+        pixels = tiles.permute(0, 3, 1, 2).float()
+        if size > n and size % n == 0:  # the filters of tiling.resample_tile
+            resized = torch.nn.functional.interpolate(pixels, size=(n, n), mode="area")
+        else:
+            resized = torch.nn.functional.interpolate(pixels, size=(n, n), mode="bilinear", align_corners=False,
+                                                      antialias=True)
         return resized.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 

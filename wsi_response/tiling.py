@@ -27,7 +27,7 @@ from .jpegtiles import JpegTileReader, open_jpeg_tile_reader
 from .slide import Slide
 from .tissue import TissueMask
 
-__all__ = ["TileGrid", "TileReader", "tile_grid", "cell_means"]
+__all__ = ["TileGrid", "TileReader", "tile_grid", "cell_means", "resample_tile"]
 
 
 @dataclass(frozen=True)
@@ -296,14 +296,21 @@ class TileReader:
             yield self.read_chunk(k)
 
     def _to_tile(self, pixels: np.ndarray) -> np.ndarray:
-        n = self.grid.tile_px
-        if pixels.shape[0] == n and pixels.shape[1] == n:
-            return pixels
-        return np.asarray(Image.fromarray(np.ascontiguousarray(pixels)).resize((n, n), Image.Resampling.BILINEAR))
+        return resample_tile(pixels, self.grid.tile_px)
 
     def close(self) -> None:
         if self._fast is not None:
             self._fast.close()
+
+
+def resample_tile(pixels: np.ndarray, n: int) -> np.ndarray:
+    """RGB ``pixels`` as an ``n`` × ``n`` tile: a plain average of k × k pixels when shrinking by a
+    whole factor k (what a half-size JPEG DCT decode approximates), antialiased bilinear otherwise."""
+    if pixels.shape[0] == n and pixels.shape[1] == n:
+        return pixels
+    whole = pixels.shape[0] > n and pixels.shape[0] % n == 0
+    image = Image.fromarray(np.ascontiguousarray(pixels))
+    return np.asarray(image.resize((n, n), Image.Resampling.BOX if whole else Image.Resampling.BILINEAR))
 
 
 def _rebuild_reader(slide: Slide, grid: TileGrid, fast: bool, reduce: int, backend: str) -> TileReader:
