@@ -47,11 +47,11 @@ from typing import Any, Iterable, Mapping, Sequence
 from .atomic import write_json_atomic
 from .config import Config
 from .errors import ConfigError, OutputError, SlideReadError, WsiResponseError
-from .pipeline import (aggregate_specimen, check_writable, config_sha256, process_slide, raise_if_environment,
-                       record_failure, source_fingerprint, unique_slide_ids)
+from .pipeline import (aggregate_specimen, check_writable, config_sha256, current_slide_record, process_slide,
+                       raise_if_environment, record_failure, unique_slide_ids)
 
 __all__ = ["SlideTask", "BatchResult", "read_manifest", "missing_slides", "shard", "task_from_env",
-           "worker_devices", "current_record", "run_batch", "finalize_batch", "SUMMARY_NAME"]
+           "worker_devices", "run_batch", "finalize_batch", "SUMMARY_NAME"]
 
 MANIFEST_COLUMNS = ("specimen_id", "slide_path")
 SUMMARY_NAME = "batch-summary.json"
@@ -209,21 +209,8 @@ def _visible_gpus() -> list[str]:
 # --------------------------------------------------------------------------- status and resume
 
 
-def current_record(out_dir: Path, task: SlideTask, model_sha256: str | None, cfg_sha256: str) -> dict[str, Any] | None:
-    """The slide's ``slide.json`` if it belongs to the current slide file, model and config, else None."""
-    try:
-        record = json.loads((task.slide_dir(out_dir) / "slide.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    matches = (record.get("path") == str(task.path)
-               and record.get("config_sha256") == cfg_sha256
-               and (record.get("model") or {}).get("sha256") == model_sha256
-               and (record.get("status") == "failed" or record.get("source") == source_fingerprint(task.path)))
-    return record if matches else None
-
-
 def _is_done(out_dir: Path, task: SlideTask, model_sha256: str | None, cfg_sha256: str) -> bool:
-    record = current_record(out_dir, task, model_sha256, cfg_sha256)
+    record = current_slide_record(task.slide_dir(out_dir), task.path, model_sha256, cfg_sha256)
     return record is not None and record["status"] in ("ok", "ok_empty")
 
 
@@ -233,7 +220,7 @@ def _aggregate_complete(tasks: Sequence[SlideTask], specimens: Iterable[str], ou
     done = []
     for specimen in dict.fromkeys(specimens):
         rows = [t for t in tasks if t.specimen_id == specimen]
-        if all(current_record(out_dir, t, model_sha256, cfg_sha256) for t in rows):
+        if all(current_slide_record(t.slide_dir(out_dir), t.path, model_sha256, cfg_sha256) for t in rows):
             aggregate_specimen(out_dir / specimen, specimen, slide_ids=[t.slide_id for t in rows])
             done.append(specimen)
     return done
@@ -522,7 +509,7 @@ def finalize_batch(tasks: Sequence[SlideTask], out_dir: Path, model_sha256: str 
     aggregated = set(_aggregate_complete(tasks, (t.specimen_id for t in tasks), out_dir, model_sha256, cfg_sha))
     slides, timings, tiles = [], [], []
     for t in tasks:
-        record = current_record(out_dir, t, model_sha256, cfg_sha)
+        record = current_slide_record(t.slide_dir(out_dir), t.path, model_sha256, cfg_sha)
         status = record["status"] if record else "not_done"
         slides.append({"specimen_id": t.specimen_id, "slide_id": t.slide_id, "path": str(t.path),
                        "status": status, "error": record.get("error") if record else None})

@@ -46,6 +46,9 @@ class _PathError(WsiResponseError):
         self.problem = " ".join(str(problem).split())  # always one line
         super().__init__(f"{self.path}: {self.problem}")
 
+    def __reduce__(self) -> tuple:  # survives pickling from worker processes
+        return (type(self), (self.path, self.problem))
+
 
 class SlideError(_PathError):
     """A slide file cannot be used."""

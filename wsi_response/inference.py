@@ -43,7 +43,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .classifier import Classifier, to_unit_float
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, WsiResponseError
 from .jpegtiles import JpegTileReader, open_jpeg_tile_reader
 from .slide import Level, Slide
 from .store import TilePredictions, open_tile_store, store_metadata
@@ -320,8 +320,20 @@ class ChunkDataset(IterableDataset):
             bounds = np.linspace(0, len(chunks), info.num_workers + 1).round().astype(int)
             chunks = chunks[bounds[info.id]:bounds[info.id + 1]]
         for k in chunks:
-            indices, payload = self.reader.read_chunk(k)
+            try:
+                indices, payload = self.reader.read_chunk(k)
+            except WsiResponseError as exc:  # sent to the main process as it is (torch would flatten it)
+                yield k, None, exc
+                return
             yield k, indices, torch.from_numpy(payload) if isinstance(payload, np.ndarray) else payload
+
+
+def _raising(items: Iterable[ChunkItem]) -> Iterator[ChunkItem]:
+    """The loader's items; a worker's error is raised here, in the main process, as it was raised."""
+    for item in items:
+        if isinstance(item[2], WsiResponseError):
+            raise item[2]
+        yield item
 
 
 def tile_chunks(reader: TileReader, chunks: list[int], device: torch.device, *, num_workers: int = 2,
@@ -338,12 +350,12 @@ def tile_chunks(reader: TileReader, chunks: list[int], device: torch.device, *, 
                         num_workers=min(num_workers, len(chunks)), pin_memory=on_cuda and decoder is None,
                         prefetch_factor=4 if num_workers > 0 else None, collate_fn=_as_is)
     if decoder is None:
-        for k, indices, tiles in loader:
+        for k, indices, tiles in _raising(loader):
             yield k, indices, tiles.to(device, non_blocking=True)
         return
     group: list[ChunkItem] = []
     try:
-        for item in _then_end(loader):
+        for item in _then_end(_raising(loader)):
             if item is not None:
                 group.append(item)
             if group and (item is None or sum(len(p[1]) for _, _, p in group) >= group_tiles):

@@ -7,7 +7,10 @@ zarr store) -> class areas -> QuPath overlays -> PNGs -> ``slide.json``. Per spe
 specimen rebuilt from shards equals a local run.
 
 A slide that fails gets a ``slide.json`` with ``status: "failed"`` and the one-line error; the
-other slides go on. Every file is written atomically (temporary name, then rename).
+other slides go on. Every file is written atomically (temporary name, then rename), and
+``slide.json`` last: a slide is done only when its ``slide.json`` is current
+(:func:`current_slide_record`), so a run killed at any point is finished by running it again,
+without redoing the slides that were done (and with the finished tile chunks of the others).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from . import __version__
-from .atomic import write_atomic, write_json_atomic
+from .atomic import remove_partials, write_atomic, write_json_atomic
 from .artefacts import cell_intensity_flags, detect_artefacts
 from .classes import ARTEFACT, CLASSES, COLORS_RGB, QUPATH_NAMES
 from .qc import slide_qc, specimen_qc
@@ -37,7 +40,8 @@ from .tiling import tile_grid
 from .tissue import TissueMask, detect_tissue, read_overview
 
 __all__ = ["SCHEMA_VERSION", "unique_slide_ids", "process_slide", "record_failure", "aggregate_specimen",
-           "run_specimen", "check_writable", "raise_if_environment", "config_sha256", "source_fingerprint"]
+           "run_specimen", "check_writable", "raise_if_environment", "config_sha256", "source_fingerprint",
+           "current_slide_record"]
 
 SCHEMA_VERSION = 1
 THUMBNAIL_MAX_PX = 1024
@@ -93,11 +97,27 @@ def source_fingerprint(path: str | Path) -> dict[str, int] | None:
     return {"size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def current_slide_record(slide_dir: Path, path: str | Path, model_sha256: str | None,
+                         cfg_sha256: str) -> dict[str, Any] | None:
+    """The ``slide.json`` in ``slide_dir`` if it is of this slide file (path; size and mtime unless
+    it failed), model (sha256) and result-relevant config (:func:`config_sha256`), else None."""
+    try:
+        record = json.loads((slide_dir / "slide.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    matches = (record.get("path") == str(path)
+               and record.get("config_sha256") == cfg_sha256
+               and (record.get("model") or {}).get("sha256") == model_sha256
+               and (record.get("status") == "failed" or record.get("source") == source_fingerprint(path)))
+    return record if matches else None
+
+
 def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: Any, cfg: Config, *,
                   mpp: float | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Run one slide end to end into ``slide_dir``; returns its ``slide.json`` record.
 
-    Raises :class:`WsiResponseError` for a bad slide (the caller records it as failed).
+    Raises :class:`WsiResponseError` for a bad slide (the caller records it as failed). The
+    slide's old ``slide.json`` and writers' leftover temporary files are removed first.
     """
     from .inference import predict
     from .qupath import overlay_features, write_overlay, write_tiles
@@ -106,6 +126,9 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     source = source_fingerprint(path)  # before reading: a file replaced meanwhile does not look done
+    (slide_dir / "slide.json").unlink(missing_ok=True)  # a slide being redone never looks done
+    if slide_dir.is_dir():
+        remove_partials(slide_dir)
     slide = open_slide(path, mpp=mpp)
     try:
         overview = read_overview(slide, cfg.tissue.mask_mpp)
@@ -123,6 +146,7 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
             predictions = predict(
                 slide, grid, classifier, batch_size=cfg.inference.batch_size,
                 num_workers=cfg.inference.num_workers, device=cfg.inference.device,
+                autocast=cfg.inference.autocast, compile=cfg.inference.compile, decode=cfg.inference.decode,
                 store=slide_dir / "tiles.zarr",
                 progress=(lambda done, total: progress(slide_id, done, total)) if progress else None)
         else:
@@ -314,15 +338,22 @@ def _stored_areas(slide_dir: Path, record: Mapping[str, Any]) -> SlideAreas:
 
 def run_specimen(paths: Sequence[str | Path], specimen_id: str, out_dir: Path, classifier: Any, cfg: Config, *,
                  mpp: float | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Score every slide of one specimen and aggregate; a failing slide is recorded and skipped."""
+    """Score every slide of one specimen and aggregate; a failing slide is recorded and skipped.
+
+    Slides already done (a current ``ok``/``ok_empty`` ``slide.json``, same ``mpp`` override) are
+    kept, not redone.
+    """
     specimen_dir = Path(out_dir) / specimen_id
     check_writable(specimen_dir)
     ids = unique_slide_ids(paths)
+    cfg_sha = config_sha256(cfg)
     progress = None if quiet else _stderr_progress(len(paths))
     for index, (path, slide_id) in enumerate(zip(paths, ids)):
         slide_dir = specimen_dir / "slides" / slide_id
         if progress:
             progress.start_slide(index, slide_id)
+        if _finished(current_slide_record(slide_dir, Path(path), classifier.sha256, cfg_sha), mpp):
+            continue
         try:
             process_slide(path, slide_id, slide_dir, classifier, cfg, mpp=mpp,
                           progress=progress.tiles if progress else None)
@@ -333,6 +364,13 @@ def run_specimen(paths: Sequence[str | Path], specimen_id: str, out_dir: Path, c
     if progress:
         progress.done()
     return aggregate_specimen(specimen_dir, specimen_id, slide_ids=ids)
+
+
+def _finished(record: Mapping[str, Any] | None, mpp: float | None) -> bool:
+    """Whether ``record`` is a done slide measured with the same ``--mpp`` override (or none)."""
+    if record is None or record["status"] not in ("ok", "ok_empty"):
+        return False
+    return record.get("mpp") == mpp if mpp is not None else record.get("mpp_source") != "override"
 
 
 class _stderr_progress:

@@ -3,6 +3,12 @@
 Coordinates are ``(x, y)`` in level-0 pixels unless a name says ``_level`` (pixels of one pyramid
 level); sizes are ``(width, height)``; arrays are ``[y, x, rgb]`` uint8. Transparent or
 out-of-slide pixels are returned as white (255), like glass.
+
+Bad input is refused at open time with a one-line :class:`SlideFormatError` where the file's
+structure shows it (empty, text, truncated, samples other than 8-bit, a level whose smallest
+decodable unit needs more than :data:`MAX_DECODE_BYTES`), and at read time with a
+:class:`SlideReadError` naming the level and the stored tile whose data is corrupt. OpenSlide's
+handle is unusable after a decode error; the backend handle replaces it before raising.
 """
 from __future__ import annotations
 
@@ -16,10 +22,13 @@ import numpy as np
 
 from .errors import MissingMppError, SlideFormatError, SlideNotFoundError, SlideReadError
 
-__all__ = ["Slide", "Level", "open_slide", "BACKENDS", "MPP_RANGE"]
+__all__ = ["Slide", "Level", "open_slide", "corrupt_tile_error", "BACKENDS", "MPP_RANGE", "MAX_DECODE_BYTES"]
 
 BACKENDS = ("auto", "openslide", "tiffslide")
 MPP_RANGE = (0.05, 100.0)  # plausible microns per level-0 pixel
+# Most memory, bytes, that decoding one strip or tile of a slide level may need. The backends decode
+# a whole strip to read any pixel of it, so a level stored as one huge strip would be OOM-killed.
+MAX_DECODE_BYTES = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -86,10 +95,34 @@ class Slide:
         """
         try:
             return read_clipped(self._handle.read, self.levels[level].dimensions_px, level, origin_level, size_px)
-        except SlideReadError:
-            raise
         except Exception as exc:  # the backends raise assorted types on corrupt data
-            raise SlideReadError(self.path, f"cannot read level {level} at {tuple(origin_level)}: {exc}") from None
+            raise self._corrupt_tile(level, origin_level, size_px, exc) from None
+
+    def _corrupt_tile(self, level: int, origin_level: tuple[int, int], size_px: tuple[int, int],
+                      exc: Exception) -> SlideReadError:
+        """The error of a failed read, naming the first stored tile of the region that fails alone."""
+        tile_px = self._stored_tile_px(level)
+        if tile_px is not None:
+            tw, th = tile_px
+            lw, lh = self.levels[level].dimensions_px
+            x0, y0 = max(int(origin_level[0]), 0), max(int(origin_level[1]), 0)
+            x1, y1 = min(int(origin_level[0]) + int(size_px[0]), lw), min(int(origin_level[1]) + int(size_px[1]), lh)
+            for row in range(y0 // th, (y1 - 1) // th + 1):
+                for col in range(x0 // tw, (x1 - 1) // tw + 1):
+                    try:
+                        self._handle.read(level, (col * tw, row * th), (min(tw, lw - col * tw), min(th, lh - row * th)))
+                    except Exception as tile_exc:
+                        return corrupt_tile_error(self.path, level, (col, row), (tw, th), tile_exc)
+        return SlideReadError(self.path, f"cannot read level {level} at {tuple(origin_level)}, "
+                              f"{size_px[0]} x {size_px[1]} px: {exc}")
+
+    def _stored_tile_px(self, level: int) -> tuple[int, int] | None:
+        """(width, height) px of the stored tiles of ``level`` as the backend reports them; None if untiled."""
+        for prefix in ("openslide", "tiffslide"):
+            w, h = (self.properties.get(f"{prefix}.level[{level}].tile-{side}") for side in ("width", "height"))
+            if w and h:
+                return int(w), int(h)
+        return None
 
     def thumbnail(self, max_px: int = 1024) -> np.ndarray:
         """RGB uint8 image of the whole slide whose long side is at most ``max_px``."""
@@ -145,6 +178,15 @@ class Slide:
         return (open_slide, (self.path, self.backend, self.mpp_override))
 
 
+def corrupt_tile_error(path: Path, level: int, col_row: tuple[int, int], tile_px: tuple[int, int],
+                       exc: Exception) -> SlideReadError:
+    """The one-line error for a stored tile that cannot be decoded: file, level, tile and level px."""
+    (col, row), (tw, th) = col_row, tile_px
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    return SlideReadError(path, f"corrupt image data in level {level}, tile column {col}, row {row} "
+                          f"(level px {col * tw}, {row * th}): {detail}")
+
+
 def read_clipped(read: Any, level_dims: tuple[int, int], level: int, origin: tuple[int, int],
                  size_px: tuple[int, int]) -> np.ndarray:
     """``read(level, origin, size)`` for the part inside the level; white (glass) elsewhere."""
@@ -171,6 +213,7 @@ class _OpenSlideHandle:
     def __init__(self, path: Path) -> None:
         import openslide
 
+        self._path = path
         self._slide = openslide.OpenSlide(str(path))
         self.properties = dict(self._slide.properties)
         self.vendor = self.properties.get("openslide.vendor", "unknown")
@@ -183,7 +226,14 @@ class _OpenSlideHandle:
         ds = self.levels[level].downsample
         # OpenSlide takes level-0 coordinates and divides by the downsample; round to hit the pixel.
         origin_l0 = (int(round(origin_level[0] * ds)), int(round(origin_level[1] * ds)))
-        rgba = np.asarray(self._slide.read_region(origin_l0, level, size_px))
+        try:
+            rgba = np.asarray(self._slide.read_region(origin_l0, level, size_px))
+        except Exception:  # after a decode error every later read fails: never reuse the dead handle
+            import openslide
+
+            self._slide.close()
+            self._slide = openslide.OpenSlide(str(self._path))
+            raise
         return _rgba_on_white(rgba)
 
     def close(self) -> None:
@@ -196,7 +246,6 @@ class _TiffSlideHandle:
     def __init__(self, path: Path) -> None:
         import tiffslide
 
-        self._path = path
         self._slide = tiffslide.TiffSlide(str(path))
         props = self._slide.properties
         self.properties = {k: str(v) for k, v in props.items() if v is not None}
@@ -213,8 +262,6 @@ class _TiffSlideHandle:
         arr = np.asarray(self._arrays[level][y:y + h, x:x + w])
         if arr.ndim == 2:
             arr = np.repeat(arr[..., None], 3, axis=2)
-        if arr.dtype != np.uint8:
-            raise SlideFormatError(self._path, f"unsupported pixel type {arr.dtype} (8-bit RGB expected)")
         if arr.shape[2] == 4:
             return _rgba_on_white(arr)
         return np.ascontiguousarray(arr[..., :3])
@@ -253,7 +300,7 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto", mpp: float |
     if mpp is not None and not (MPP_RANGE[0] <= mpp <= MPP_RANGE[1]):
         raise SlideFormatError(path, f"--mpp {mpp} is outside the plausible range {MPP_RANGE} µm/px")
 
-    _check_tiff_complete(path)
+    _check_tiff(path)
     handle, chosen, reason = _open_handle(path, backend)
     try:
         mpp_value, mpp_source = _resolve_mpp(path, handle.properties, mpp)
@@ -321,8 +368,9 @@ def _not_a_slide(path: Path, detail: str) -> str:
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
-def _check_tiff_complete(path: Path) -> None:
-    """For TIFF-based files: every image tile/strip lies inside the file (catches truncation)."""
+def _check_tiff(path: Path) -> None:
+    """For TIFF-based files: every image tile/strip lies inside the file (catches truncation), and
+    every level of the main image has 8-bit samples and decodes in bounded memory."""
     import logging
 
     import tifffile
@@ -346,10 +394,30 @@ def _check_tiff_complete(path: Path) -> None:
                         if ends.size and int(ends.max()) > size:
                             raise SlideFormatError(path, f"truncated: image data runs to byte {int(ends.max())} "
                                                    f"but the file has {size} bytes")
+            for index, level in enumerate(tif.series[0].levels):
+                _check_level_layout(path, index, level.keyframe)
     except SlideFormatError:
         raise
     except Exception as exc:
         raise SlideFormatError(path, f"a TIFF whose structure cannot be read (truncated or corrupt?): {exc}") from None
+
+
+def _check_level_layout(path: Path, index: int, page: Any) -> None:
+    """8-bit unsigned samples, and one strip or tile decodes within :data:`MAX_DECODE_BYTES`."""
+    if page.dtype is None or page.dtype.kind != "u" or page.dtype.itemsize != 1:
+        raise SlideFormatError(path, f"level {index} has {page.bitspersample}-bit samples "
+                               f"({page.dtype or 'unknown type'}); wsi-response reads 8-bit RGB brightfield "
+                               "slides: convert it to 8-bit RGB first")
+    if page.is_tiled:
+        unit, cols, rows = "tiles", page.tilewidth, page.tilelength * max(1, page.tiledepth)
+    else:
+        unit, cols, rows = "strips", page.imagewidth, min(page.rowsperstrip or page.imagelength, page.imagelength)
+    need = cols * rows * (page.samplesperpixel if page.planarconfig == 1 else 1)  # bytes: 1 per sample
+    if need > MAX_DECODE_BYTES:
+        raise SlideFormatError(path, f"level {index} is stored in {unit} of {cols} x {rows} px that need about "
+                               f"{need / 1e9:.1f} GB each to decode (limit {MAX_DECODE_BYTES / 1e9:.1f} GB, "
+                               "wsi_response.slide.MAX_DECODE_BYTES); convert it to a tiled pyramid (e.g. "
+                               "`vips tiffsave in.tif out.tif --tile --pyramid --compression jpeg`)")
 
 
 def _resolve_mpp(path: Path, props: Mapping[str, str], override: float | None) -> tuple[float, str]:

@@ -156,6 +156,8 @@ def open_tile_store(path: str | os.PathLike, metadata: Mapping[str, Any], grid: 
     if partial.exists():
         group = _open_existing(partial)
         if group is not None and _matches(group, want):
+            for stale in partial.rglob("*.partial"):  # zarr's temporary files of a write that was killed
+                stale.unlink()
             return TileStore(path, zarr.open_group(str(partial), mode="r+"), complete=False)
         shutil.rmtree(partial)
     return TileStore(path, _create(partial, want, grid), complete=False)

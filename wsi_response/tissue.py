@@ -18,7 +18,7 @@ from .slide import Slide
 
 __all__ = ["Overview", "TissueMask", "read_overview", "detect_tissue"]
 
-_STRIP_ROWS = 256  # overview rows produced per read
+READ_BUDGET_BYTES = 64 << 20  # decoded level pixels (RGB bytes) per strip read, whatever the level's width
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,11 @@ class TissueMask:
 
 
 def read_overview(slide: Slide, mpp: float) -> Overview:
-    """The slide resampled to ``mpp`` µm/px, read in strips from the nearest finer level."""
+    """The slide resampled to ``mpp`` µm/px, read in strips from the nearest finer level.
+
+    Each strip is about :data:`READ_BUDGET_BYTES` of level pixels (at least one overview row), so
+    a single-level slide is read in bounded memory too.
+    """
     mpp = max(mpp, slide.mpp)
     downsample = mpp / slide.mpp
     level = slide.level_for_mpp(mpp)
@@ -65,9 +69,10 @@ def read_overview(slide: Slide, mpp: float) -> Overview:
     out_w = max(1, int(np.ceil(w0 / downsample)))
     out_h = max(1, int(np.ceil(h0 / downsample)))
     level_w = int(np.ceil(out_w * factor))
+    strip_rows = max(1, int(READ_BUDGET_BYTES // (3 * level_w * factor)))  # overview rows per read
     image = np.empty((out_h, out_w, 3), np.uint8)
-    for r0 in range(0, out_h, _STRIP_ROWS):
-        r1 = min(out_h, r0 + _STRIP_ROWS)
+    for r0 in range(0, out_h, strip_rows):
+        r1 = min(out_h, r0 + strip_rows)
         y0 = int(np.floor(r0 * factor))
         y1 = int(np.ceil(r1 * factor))
         strip = slide.read_level(level, (0, y0), (level_w, y1 - y0))
