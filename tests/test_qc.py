@@ -78,8 +78,16 @@ def test_specimen_with_one_failed_slide_of_twelve_is_a_caveat():
     result = specimen_qc(_slides(11, 1), SPECIMEN, REAL_MODEL, CFG)
     assert result["verdict"] == "reportable_with_caveats"
     assert "specimen has 1 failed slide of 12" in [f["message"] for f in result["flags"]]
+    # the failed slide is reported once, by the count, not again as a slide verdict
+    assert [f["code"] for f in result["flags"]] == ["failed_slides"]
+
+
+def test_an_unreportable_slide_is_a_specimen_caveat():
+    slides = _slides(2, 0) + [{"slide_id": "X", "status": "ok", "qc": slide_qc(GOOD, {"pen": 300.0}, CFG)}]
+    result = specimen_qc(slides, SPECIMEN, REAL_MODEL, CFG)
     worst = [f for f in result["flags"] if f["code"] == "slide_verdict"]
-    assert len(worst) == 1 and worst[0]["message"].startswith("slide F_0: not_reportable")
+    assert len(worst) == 1 and worst[0]["message"].startswith("slide X: not_reportable")
+    assert worst[0]["severity"] == "caveat" and result["verdict"] == "reportable_with_caveats"
 
 
 def test_specimen_with_too_many_failed_slides_or_none_is_not_reportable():

@@ -96,15 +96,18 @@ def tissue_from_rgb(rgb: np.ndarray, mpp: float, cfg: TissueConfig) -> np.ndarra
     from scipy import ndimage
     from skimage import morphology
 
-    img = rgb.astype(np.float32)
-    glass = _glass_rgb(img)
-    od = -np.log10(np.clip((img + 1.0) / (glass + 1.0), 1e-3, None))
-    od_max = od.max(axis=2)
-    vmax = img.max(axis=2)
-    vmin = img.min(axis=2)
-    saturation = np.where(vmax > 0, (vmax - vmin) / np.maximum(vmax, 1.0), 0.0)
+    glass = _glass_rgb(rgb)
+    # max over channels of the optical density above glass = -log10 of the smallest transmission
+    # ratio; one float32 plane at a time keeps memory at a few bytes per overview pixel
+    transmission = np.full(rgb.shape[:2], np.inf, np.float32)
+    for c in range(3):
+        np.minimum(transmission, (rgb[..., c].astype(np.float32) + 1.0) / (glass[c] + 1.0), out=transmission)
+    od_max = -np.log10(np.clip(transmission, 1e-3, None, out=transmission), out=transmission)
+    vmax = rgb.max(axis=2)
+    saturation = (vmax - rgb.min(axis=2)).astype(np.float32) / np.maximum(vmax, 1).astype(np.float32)
     scanner_black = vmax < 40  # unscanned areas / slide edge, not stain
     stained = ((od_max > cfg.min_optical_density) | (saturation > cfg.min_saturation)) & ~scanner_black
+    del transmission, od_max, saturation, vmax
 
     px_area_mm2 = (mpp / 1000.0) ** 2
     radius = int(round(cfg.closing_um / mpp))
@@ -121,10 +124,10 @@ def tissue_from_rgb(rgb: np.ndarray, mpp: float, cfg: TissueConfig) -> np.ndarra
 
 def _glass_rgb(img: np.ndarray) -> np.ndarray:
     """The glass colour: the median of the brightest 10 % of pixels (white if the slide is full)."""
-    lum = img.mean(axis=2)
+    lum = img.mean(axis=2, dtype=np.float32)
     cut = np.percentile(lum, 90)
     bright = img[lum >= cut]
-    glass = np.median(bright, axis=0)
+    glass = np.median(bright, axis=0).astype(np.float32)
     if glass.mean() < 180:  # no glass visible: tissue everywhere; measure against white
         glass = np.full(3, 245.0, np.float32)
     return glass.astype(np.float32)
