@@ -1,7 +1,6 @@
 """predict(): equals the in-memory reference, batch/worker invariant, resumes after SIGKILL."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap

@@ -10,7 +10,7 @@ import pytest
 import shapely
 
 from wsi_response.cli import main
-from wsi_response.config import Config, load_config
+from wsi_response.config import load_config
 from wsi_response.errors import ConfigError
 from wsi_response.qupath import read_annotations
 from wsi_response.slide import open_slide

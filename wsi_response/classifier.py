@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .atomic import write_atomic
 from .classes import CLASSES
 from .config import TilingConfig
 from .errors import ConfigError, ModelError
@@ -179,15 +180,7 @@ def save_classifier(classifier: Classifier, path: str | os.PathLike, weights_dty
              for k, v in classifier.model.state_dict().items()}
     meta = json.dumps(classifier.metadata(weights_dtype), sort_keys=True, allow_nan=False)
     data = save(state, metadata={_META_KEY: meta})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(path, data)
     return hashlib.sha256(data).hexdigest()
 
 

@@ -342,7 +342,7 @@ def _open_handle(path: Path, backend: str) -> tuple[Any, str, str]:
             except openslide.OpenSlideError as exc:
                 raise SlideFormatError(path, f"OpenSlide cannot open this {detected} file "
                                        f"(truncated or corrupt?): {exc}") from None
-            reason = f"asked for" if backend == "openslide" else f"OpenSlide recognises the format ({detected})"
+            reason = "asked for" if backend == "openslide" else f"OpenSlide recognises the format ({detected})"
             return handle, "openslide", reason
         if backend == "openslide":
             raise SlideFormatError(path, _not_a_slide(path, detect_error or "OpenSlide does not recognise the format"))

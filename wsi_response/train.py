@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .atomic import write_json_atomic
 from .classes import CLASSES
 from .classifier import (
     IMAGENET_MEAN,
@@ -42,7 +43,7 @@ from .classifier import (
     to_unit_float,
     with_provenance,
 )
-from .config import Config, TilingConfig, TrainingConfig, config_to_dict
+from .config import Config, TilingConfig, config_to_dict
 from .errors import ConfigError
 from .inference import autocast_dtype, resolve_device
 from .qupath import Annotation, read_annotations
@@ -428,7 +429,5 @@ def train_classifier(slides: Sequence[str | os.PathLike], annotations: Sequence[
         "trained_on": dict(clf.trained_on), "history": history, "metrics": metrics,
     }
     report_path = out.with_name(out.name + ".report.json")
-    tmp = report_path.with_name(f".{report_path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, report_path)
+    write_json_atomic(report_path, report)
     return TrainResult(classifier=clf, report=report, report_path=report_path)
