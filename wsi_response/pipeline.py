@@ -33,7 +33,7 @@ from .qc import slide_qc, specimen_qc
 from .config import Config, QcConfig, config_to_dict
 from .errors import OutputError, WsiResponseError
 from .quantify import SlideAreas, slide_areas_from_tiles, specimen_areas
-from .report import heatmap_png, overlay_png, render_report
+from .report import heatmap_png, mask_on_thumbnail, overlay_png, render_report
 from .slide import open_slide
 from .store import TilePredictions, read_tile_store
 from .tiling import tile_grid
@@ -45,7 +45,6 @@ __all__ = ["SCHEMA_VERSION", "unique_slide_ids", "process_slide", "record_failur
 
 SCHEMA_VERSION = 1
 THUMBNAIL_MAX_PX = 1024
-SLIDE_STATUSES = ("ok", "ok_empty", "failed")
 
 Progress = Callable[[str, int, int], None]  # (slide_id, tiles done, tiles total)
 
@@ -158,7 +157,7 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
                                        grid.cell_area_mm2)
         labels = predictions.labels
         regions = class_regions(grid, labels, usable, predictions.class_names)
-        regions[ARTEFACT] = _artefact_region(mask, artefacts, blank)
+        regions[ARTEFACT] = _artefact_region(mask, usable, blank)
         mean_probability = {
             name: (float(np.average(predictions.probs[labels == i, i], weights=grid.tissue_fraction[labels == i]))
                    if (labels == i).any() else None)
@@ -172,8 +171,8 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
         thumb_ds = max(slide.dimensions_px) / THUMBNAIL_MAX_PX
         thumbnail = read_overview(slide, max(slide.mpp, slide.mpp * thumb_ds)).image
         thumb_ds = max(1.0, thumb_ds)
-        artefact_layer = {QUPATH_NAMES[ARTEFACT]: (_on_thumbnail(mask.mask & ~usable.mask, mask.downsample,
-                                                                 thumbnail.shape[:2], thumb_ds),
+        excluded = TissueMask(mask.mask & ~usable.mask, mask.downsample, mask.mpp)
+        artefact_layer = {QUPATH_NAMES[ARTEFACT]: (mask_on_thumbnail(excluded, thumbnail.shape[:2], thumb_ds),
                                                    COLORS_RGB[ARTEFACT])}
         write_atomic(slide_dir / "overlay.png",
                      overlay_png(thumbnail, thumb_ds, grid, labels, usable, predictions.class_names, artefact_layer))
@@ -214,25 +213,17 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
     return record
 
 
-def _artefact_region(mask: TissueMask, artefacts: Any, blank: Any) -> Any:
+def _artefact_region(mask: TissueMask, usable: TissueMask, blank: Any) -> Any:
     """Excluded tissue in level-0 px: artefact pixels plus blank (near-white/black) cells."""
     import shapely
 
     from .regions import class_regions, tissue_polygons
 
-    excluded = tissue_polygons(TissueMask(mask.mask & artefacts.any, mask.downsample, mask.mpp))
+    excluded = tissue_polygons(TissueMask(mask.mask & ~usable.mask, mask.downsample, mask.mpp))
     if len(blank):
-        cells = class_regions(blank, np.zeros(len(blank), np.int64), TissueMask(
-            mask.mask & ~artefacts.any, mask.downsample, mask.mpp), (ARTEFACT,))[ARTEFACT]
+        cells = class_regions(blank, np.zeros(len(blank), np.int64), usable, (ARTEFACT,))[ARTEFACT]
         excluded = shapely.union(excluded, cells)
     return excluded
-
-
-def _on_thumbnail(layer: np.ndarray, downsample: float, shape: tuple[int, int], thumb_ds: float) -> np.ndarray:
-    """A boolean mask-grid layer resampled (nearest) to a thumbnail of ``shape``."""
-    ys = np.minimum(((np.arange(shape[0]) + 0.5) * thumb_ds / downsample).astype(np.int64), layer.shape[0] - 1)
-    xs = np.minimum(((np.arange(shape[1]) + 0.5) * thumb_ds / downsample).astype(np.int64), layer.shape[1] - 1)
-    return layer[np.ix_(ys, xs)]
 
 
 def _area_fields(areas: SlideAreas) -> dict[str, Any]:

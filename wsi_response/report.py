@@ -19,7 +19,7 @@ from .classes import CLASSES, COLORS_RGB, QUPATH_NAMES
 from .tiling import TileGrid
 from .tissue import TissueMask
 
-__all__ = ["cell_raster", "overlay_png", "heatmap_png", "render_report"]
+__all__ = ["cell_raster", "mask_on_thumbnail", "overlay_png", "heatmap_png", "render_report"]
 
 _ALPHA = 0.45  # weight of the class colour over the thumbnail
 
@@ -40,7 +40,8 @@ def cell_raster(grid: TileGrid, values: np.ndarray, shape: tuple[int, int], down
     return out
 
 
-def _mask_on(mask: TissueMask, shape: tuple[int, int], downsample: float) -> np.ndarray:
+def mask_on_thumbnail(mask: TissueMask, shape: tuple[int, int], downsample: float) -> np.ndarray:
+    """``mask`` resampled (nearest) to a ``shape`` ([h, w]) image of ``downsample`` level-0 px/px."""
     ys = np.minimum(((np.arange(shape[0]) + 0.5) * downsample / mask.downsample).astype(np.int64), mask.mask.shape[0] - 1)
     xs = np.minimum(((np.arange(shape[1]) + 0.5) * downsample / mask.downsample).astype(np.int64), mask.mask.shape[1] - 1)
     return mask.mask[np.ix_(ys, xs)]
@@ -73,7 +74,7 @@ def overlay_png(thumbnail: np.ndarray, downsample: float, grid: TileGrid, labels
     """
     shape = thumbnail.shape[:2]
     cells = cell_raster(grid, labels.astype(np.float64), shape, downsample, fill=-1)
-    tissue = _mask_on(mask, shape, downsample)
+    tissue = mask_on_thumbnail(mask, shape, downsample)
     out = thumbnail.astype(np.float32)
     entries = []
     for index, name in enumerate(class_names):
@@ -92,7 +93,7 @@ def heatmap_png(thumbnail: np.ndarray, downsample: float, grid: TileGrid, probab
     """Thumbnail with one class's probability (0 blue .. 1 red) on every tissue cell."""
     shape = thumbnail.shape[:2]
     p = cell_raster(grid, probability.astype(np.float64), shape, downsample)
-    where = np.isfinite(p) & _mask_on(mask, shape, downsample)
+    where = np.isfinite(p) & mask_on_thumbnail(mask, shape, downsample)
     colour = np.stack([255 * p, 40 + 0 * p, 255 * (1 - p)], axis=-1)
     out = thumbnail.astype(np.float32) * 0.6 + 255 * 0.4
     out[where] = 0.35 * thumbnail[where] + 0.65 * colour[where]
