@@ -133,9 +133,14 @@ def cell_intensity_flags(grid: TileGrid, overview: Overview, tissue: TissueMask,
 
 def _optical_density(rgb: np.ndarray) -> np.ndarray:
     """OD ``[y, x, 3]`` float32 relative to the slide's glass colour (0 on glass)."""
-    img = rgb.astype(np.float32)
-    glass = _glass_rgb(img)
-    return (-np.log10(np.clip((img + 1.0) / (glass + 1.0), 1e-3, None))).astype(np.float32)
+    glass = _glass_rgb(rgb)
+    od = np.empty(rgb.shape, np.float32)
+    for c in range(3):  # one channel at a time: no full-size float temporaries
+        plane = od[..., c]
+        np.divide(rgb[..., c].astype(np.float32) + 1.0, glass[c] + 1.0, out=plane)
+        np.log10(np.clip(plane, 1e-3, None, out=plane), out=plane)
+        np.negative(plane, out=plane)
+    return od
 
 
 def _disk(radius_px: float) -> np.ndarray:
@@ -172,13 +177,17 @@ def _grow(candidates: np.ndarray, seeds: np.ndarray) -> np.ndarray:
 def _fold(od: np.ndarray, measured: np.ndarray, px_um: float, cfg: QcConfig) -> np.ndarray:
     """Tissue px ``fold_min_od_ratio`` times as dense as their surroundings, in the same colour
     (two layers of the same tissue; denser tissue of another kind has another colour)."""
-    local = np.stack([_normalized_gauss(od[..., c], measured, _FOLD_LOCAL_UM / px_um) for c in range(3)], -1)
-    context = np.stack([_normalized_gauss(od[..., c], measured, cfg.fold_context_um / px_um)
-                        for c in range(3)], -1)
-    local_sum, context_sum = local.sum(axis=2), context.sum(axis=2)
-    shift = np.abs(local / np.maximum(local_sum, 1e-3)[..., None]
-                   - context / np.maximum(context_sum, 1e-3)[..., None]).sum(axis=2)
-    return measured & (local_sum >= cfg.fold_min_od_ratio * context_sum) & (shift <= cfg.fold_max_colour_shift)
+    # per-channel planes, never a stack of them: memory stays at a few planes of the overview
+    local = [_normalized_gauss(od[..., c], measured, _FOLD_LOCAL_UM / px_um) for c in range(3)]
+    context = [_normalized_gauss(od[..., c], measured, cfg.fold_context_um / px_um) for c in range(3)]
+    local_sum, context_sum = local[0] + local[1] + local[2], context[0] + context[1] + context[2]
+    dense = measured & (local_sum >= cfg.fold_min_od_ratio * context_sum)
+    np.maximum(local_sum, 1e-3, out=local_sum)
+    np.maximum(context_sum, 1e-3, out=context_sum)
+    shift = np.zeros_like(local_sum)
+    for lc, cc in zip(local, context):  # L1 distance of the OD chromaticities
+        shift += np.abs(lc / local_sum - cc / context_sum)
+    return dense & (shift <= cfg.fold_max_colour_shift)
 
 
 def _bubble(od: np.ndarray, od_sum: np.ndarray, measured: np.ndarray, px_um: float,
