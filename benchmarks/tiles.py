@@ -3,7 +3,8 @@
     python benchmarks/tiles.py [--size 40000x30000] [--mpp 0.25] [--target-mpp 1.0] [--tiles 3000]
 
 Generates (once, cached in --work) a synthetic pyramidal SVS, builds the tissue mask and tile grid,
-then reads the same tiles (a contiguous run of whole chunks) three ways on one core:
+then reads the same tiles (a contiguous run of whole chunks) three ways on one core, each once to
+warm the file cache and then in ``--repeats`` alternating rounds (the median is reported):
 
 - ``openslide``: one ``OpenSlide.read_region`` per tile (the baseline),
 - ``reader/openslide``: our chunked reader forced onto OpenSlide (large regions cut into tiles),
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--target-mpp", type=float, default=1.0)
     parser.add_argument("--tiles", type=int, default=3000, help="tiles to read per method (whole chunks)")
     parser.add_argument("--work", type=Path, default=Path(".cache/bench"))
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per method (median reported)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     w, h = (int(v) for v in args.size.split("x"))
@@ -74,23 +76,25 @@ def main() -> None:
           f"{grid.tile_px} px at {grid.read_mpp} µm/px from level {grid.read_level}; timing {len(indices)} tiles "
           f"({len(chunks)} chunks), one process")
 
-    results = {}
-    t0 = time.perf_counter()
-    baseline = openslide_tiles(path, grid, indices)
-    results["openslide read_region per tile"] = (time.perf_counter() - t0, baseline)
+    methods = {"openslide read_region per tile": lambda: openslide_tiles(path, grid, indices)}
     for name, fast in (("reader, OpenSlide regions", False), ("reader, fast path", True)):
         reader = TileReader(slide, grid, fast=fast)
-        t0 = time.perf_counter()
-        tiles = reader_tiles(reader, chunks)
-        results[f"{name} [{reader.backend.split(' ')[0]}]"] = (time.perf_counter() - t0, tiles)
-
-    base_rate = len(indices) / results["openslide read_region per tile"][0]
-    print(f"{'method':45s} {'tiles/s':>9s} {'ratio':>7s} {'MAD':>6s}")
-    for name, (seconds, tiles) in results.items():
-        rate = len(indices) / seconds
-        mad = float(np.abs(tiles.astype(np.int16) - baseline).mean())
+        methods[f"{name} [{reader.backend.split(' ')[0]}]"] = lambda reader=reader: reader_tiles(reader, chunks)
+    # every method once untimed (file cache warm for all), then args.repeats rounds in turn; median
+    outputs = {name: read() for name, read in methods.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(args.repeats):
+        for name, read in methods.items():
+            t0 = time.perf_counter()
+            read()
+            seconds[name].append(time.perf_counter() - t0)
+    baseline = outputs["openslide read_region per tile"]
+    base_rate = len(indices) / float(np.median(seconds["openslide read_region per tile"]))
+    print(f"{'method':45s} {'tiles/s':>9s} {'ratio':>7s} {'MAD':>6s}   (median of {args.repeats} rounds)")
+    for name, times in seconds.items():
+        rate = len(indices) / float(np.median(times))
+        mad = float(np.abs(outputs[name].astype(np.int16) - baseline).mean())
         print(f"{name:45s} {rate:9.0f} {rate / base_rate:7.2f} {mad:6.3f}")
-
 
 if __name__ == "__main__":
     main()
