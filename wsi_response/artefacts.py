@@ -31,7 +31,7 @@ from PIL import Image
 from .config import QcConfig
 from .slide import Slide
 from .tiling import TileGrid, cell_means
-from .tissue import Overview, TissueMask, _glass_rgb, read_overview
+from .tissue import Overview, TissueMask, glass_rgb, read_overview
 
 __all__ = ["KINDS", "ArtefactMask", "detect_artefacts",
            "cell_intensity_flags"]
@@ -133,7 +133,7 @@ def cell_intensity_flags(grid: TileGrid, overview: Overview, tissue: TissueMask,
 
 def _optical_density(rgb: np.ndarray) -> np.ndarray:
     """OD ``[y, x, 3]`` float32 relative to the slide's glass colour (0 on glass)."""
-    glass = _glass_rgb(rgb)
+    glass = glass_rgb(rgb)
     od = np.empty(rgb.shape, np.float32)
     for c in range(3):  # one channel at a time: no full-size float temporaries
         plane = od[..., c]

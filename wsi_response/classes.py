@@ -5,7 +5,8 @@ debris) lies outside it.
 """
 from __future__ import annotations
 
-__all__ = ["CLASSES", "TUMOR_BED", "ARTEFACT", "QUPATH_NAMES", "COLORS_RGB", "class_index"]
+__all__ = ["CLASSES", "TUMOR_BED", "ARTEFACT", "QUPATH_NAMES", "COLORS_RGB", "class_index",
+           "qupath_classification"]
 
 CLASSES: tuple[str, ...] = ("viable_tumor", "necrosis", "fibrosis", "other")
 TUMOR_BED: tuple[str, ...] = ("viable_tumor", "necrosis", "fibrosis")
@@ -29,3 +30,8 @@ COLORS_RGB: dict[str, tuple[int, int, int]] = {
 def class_index(name: str) -> int:
     """Index of a canonical class id in :data:`CLASSES`."""
     return CLASSES.index(name)
+
+
+def qupath_classification(class_id: str) -> dict[str, object]:
+    """QuPath's ``classification`` object of a class: its name and, always, its colour."""
+    return {"name": QUPATH_NAMES[class_id], "color": list(COLORS_RGB[class_id])}

@@ -31,7 +31,7 @@ import shapely.affinity
 import shapely.geometry
 
 from .atomic import atomic_open, write_atomic
-from .classes import COLORS_RGB, QUPATH_NAMES
+from .classes import QUPATH_NAMES, qupath_classification
 from .errors import AnnotationError
 from .tiling import TileGrid
 
@@ -161,10 +161,6 @@ def _areal_part(geom: Any) -> Any:
 
 # --------------------------------------------------------------------------- writing
 
-def _classification(class_id: str) -> dict[str, Any]:
-    return {"name": QUPATH_NAMES[class_id], "color": list(COLORS_RGB[class_id])}
-
-
 def overlay_features(regions: Mapping[str, Any], mean_probability: Mapping[str, float | None],
                      mpp: float, offset_l0: tuple[float, float]) -> list[dict[str, Any]]:
     """One locked MultiPolygon annotation per class region (level-0 px minus the bounds offset)."""
@@ -184,7 +180,7 @@ def overlay_features(regions: Mapping[str, Any], mean_probability: Mapping[str, 
             "properties": {
                 "objectType": "annotation",
                 "name": QUPATH_NAMES[class_id],
-                "classification": _classification(class_id),
+                "classification": qupath_classification(class_id),
                 "isLocked": True,
                 "measurements": measurements,
             },
@@ -224,7 +220,7 @@ def write_tiles(path: Path, slide_id: str, grid: TileGrid, probs: np.ndarray, cl
                     "id": str(uuid.uuid5(_NAMESPACE, f"{slide_id}/tile/{col}/{row}")),
                     "geometry": {"type": "Polygon",
                                  "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
-                    "properties": {"objectType": "tile", "classification": _classification(class_names[labels[i]]),
+                    "properties": {"objectType": "tile", "classification": qupath_classification(class_names[labels[i]]),
                                    "measurements": measurements},
                 }, separators=(",", ":")))
             gz.write(((b"," if start else b"") + ",".join(parts).encode()))

@@ -48,7 +48,7 @@ from typing import BinaryIO, Iterator, Sequence
 import numpy as np
 
 from .atomic import atomic_open, write_atomic
-from .classes import CLASSES, COLORS_RGB, QUPATH_NAMES, TUMOR_BED
+from .classes import CLASSES, TUMOR_BED, qupath_classification
 
 __all__ = [
     "LABEL_GLASS",
@@ -830,7 +830,7 @@ def _feature(geom, cls: str, locked: bool = False) -> dict:
         "geometry": gj,
         "properties": {
             "objectType": "annotation",
-            "classification": {"name": QUPATH_NAMES[cls], "color": list(COLORS_RGB[cls])},
+            "classification": qupath_classification(cls),
             "isLocked": locked,
         },
     }

@@ -16,7 +16,7 @@ from PIL import Image
 from .config import TissueConfig
 from .slide import Slide
 
-__all__ = ["Overview", "TissueMask", "read_overview", "detect_tissue"]
+__all__ = ["Overview", "TissueMask", "read_overview", "detect_tissue", "glass_rgb"]
 
 READ_BUDGET_BYTES = 64 << 20  # decoded level pixels (RGB bytes) per strip read, whatever the level's width
 
@@ -96,7 +96,7 @@ def tissue_from_rgb(rgb: np.ndarray, mpp: float, cfg: TissueConfig) -> np.ndarra
     from scipy import ndimage
     from skimage import morphology
 
-    glass = _glass_rgb(rgb)
+    glass = glass_rgb(rgb)
     # max over channels of the optical density above glass = -log10 of the smallest transmission
     # ratio; one float32 plane at a time keeps memory at a few bytes per overview pixel
     transmission = np.full(rgb.shape[:2], np.inf, np.float32)
@@ -122,7 +122,7 @@ def tissue_from_rgb(rgb: np.ndarray, mpp: float, cfg: TissueConfig) -> np.ndarra
     return mask
 
 
-def _glass_rgb(img: np.ndarray) -> np.ndarray:
+def glass_rgb(img: np.ndarray) -> np.ndarray:
     """The glass colour: the median of the brightest 10 % of pixels (white if the slide is full)."""
     lum = img.mean(axis=2, dtype=np.float32)
     cut = np.percentile(lum, 90)
