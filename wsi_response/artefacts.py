@@ -26,10 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from .config import QcConfig
 from .slide import Slide
+from .focus import blur_layer
+from .smoothing import normalized_gauss
 from .tiling import TileGrid, cell_means
 from .tissue import Overview, TissueMask, glass_rgb, read_overview
 
@@ -37,7 +38,6 @@ __all__ = ["KINDS", "ArtefactMask", "detect_artefacts",
            "cell_intensity_flags"]
 
 KINDS: tuple[str, ...] = ("pen", "blur", "fold", "bubble")
-_STRIP_ROWS = 64  # mask rows per focus-measure strip
 _FOLD_LOCAL_UM = 16.0  # Gaussian sigma smoothing tissue OD before the fold test, µm
 _EDGE_UM = 4.0  # px this close to ink or a bubble are not tested for blur, µm
 
@@ -99,7 +99,7 @@ def detect_artefacts(slide: Slide, mask: TissueMask, cfg: QcConfig = QcConfig(),
     near = ndimage.binary_dilation(pen | bubble, _disk(_EDGE_UM / px_um))  # their edges look smooth
     layers = {
         "pen": pen,
-        "blur": _blur(slide, mask, measured, cfg) & ~near,
+        "blur": blur_layer(slide, mask, measured, cfg) & ~near,
         "fold": _fold(od, measured, px_um, cfg),
         "bubble": bubble,
     }
@@ -155,7 +155,7 @@ def _ink(od: np.ndarray, px_um: float, cfg: QcConfig) -> np.ndarray:
     excess = np.maximum(r - g, b - g)  # red or blue absorbed more than green: not H, E or blood
     # under ink, the tissue's own (negative) excess remains: measure against the surroundings
     plain = excess < 0.0  # H&E and glass; ink over tissue has a positive excess
-    local = excess - np.minimum(_normalized_gauss(excess, plain, cfg.ink_context_um / px_um), 0.0)
+    local = excess - np.minimum(normalized_gauss(excess, plain, cfg.ink_context_um / px_um), 0.0)
     colour = _grow(local >= cfg.ink_grow_excess_od, excess >= cfg.ink_min_excess_od)
     lo, hi = od.min(axis=2), od.max(axis=2)
     flat = (hi - lo) <= cfg.black_max_spread * np.maximum(od.mean(axis=2), 1e-3)
@@ -178,8 +178,8 @@ def _fold(od: np.ndarray, measured: np.ndarray, px_um: float, cfg: QcConfig) -> 
     """Tissue px ``fold_min_od_ratio`` times as dense as their surroundings, in the same colour
     (two layers of the same tissue; denser tissue of another kind has another colour)."""
     # per-channel planes, never a stack of them: memory stays at a few planes of the overview
-    local = [_normalized_gauss(od[..., c], measured, _FOLD_LOCAL_UM / px_um) for c in range(3)]
-    context = [_normalized_gauss(od[..., c], measured, cfg.fold_context_um / px_um) for c in range(3)]
+    local = [normalized_gauss(od[..., c], measured, _FOLD_LOCAL_UM / px_um) for c in range(3)]
+    context = [normalized_gauss(od[..., c], measured, cfg.fold_context_um / px_um) for c in range(3)]
     local_sum, context_sum = local[0] + local[1] + local[2], context[0] + context[1] + context[2]
     dense = measured & (local_sum >= cfg.fold_min_od_ratio * context_sum)
     np.maximum(local_sum, 1e-3, out=local_sum)
@@ -220,73 +220,3 @@ def _bubble(od: np.ndarray, od_sum: np.ndarray, measured: np.ndarray, px_um: flo
                     and r.axis_minor_length <= 2 * width_px for r in regionprops(lines)]
         out |= ndimage.binary_dilation(np.concatenate([[False], straight])[lines], _disk(1))
     return out
-
-
-def _normalized_gauss(values: np.ndarray, weight: np.ndarray, sigma_px: float) -> np.ndarray:
-    """Gaussian mean of ``values`` over px where ``weight`` is true (0 where none are near).
-
-    Wide kernels run on ``q`` x ``q`` block means (``q`` = sigma / 8) and are interpolated back.
-    """
-    from scipy import ndimage
-
-    h, w = weight.shape
-    q = max(1, int(sigma_px // 8))
-    den = weight.astype(np.float32)
-    num = values.astype(np.float32) * den
-    if q > 1:
-        ph, pw = -(-h // q) * q, -(-w // q) * q
-        num, den = (np.pad(a, ((0, ph - h), (0, pw - w))).reshape(ph // q, q, pw // q, q).mean(axis=(1, 3))
-                    for a in (num, den))
-    num = ndimage.gaussian_filter(num, sigma_px / q, mode="constant")
-    den = ndimage.gaussian_filter(den, sigma_px / q, mode="constant")
-    out = np.where(den > 1e-3, num / np.maximum(den, 1e-3), 0.0).astype(np.float32)
-    if q > 1:
-        out = np.asarray(Image.fromarray(out).resize((out.shape[1] * q, out.shape[0] * q),
-                                                     Image.Resampling.BILINEAR))[:h, :w]
-    return out
-
-
-def _blur(slide: Slide, mask: TissueMask, measured: np.ndarray, cfg: QcConfig) -> np.ndarray:
-    """Tissue px whose sharpness is below ``blur_max_sharpness`` and ``blur_max_relative`` x
-    the slide's sharp tissue (both: a slide scanned soft all over is not out of focus)."""
-    fine, band = _focus_energies(slide, mask, cfg)
-    sigma = cfg.focus_smooth_um / mask.mpp
-    sharp = _normalized_gauss(fine, measured, sigma) / np.maximum(
-        _normalized_gauss(band, measured, sigma), 1e-6)
-    if not measured.any():
-        return np.zeros_like(measured)
-    reference = float(np.percentile(sharp[measured], cfg.focus_reference_percentile))
-    return measured & (sharp < min(cfg.blur_max_sharpness, cfg.blur_max_relative * reference))
-
-
-def _focus_energies(slide: Slide, mask: TissueMask, cfg: QcConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Mean squared fine detail and coarser-band detail per mask px (grey levels²).
-
-    Reads the pyramid level at or finer than ``cfg.focus_mpp`` in strips of ``_STRIP_ROWS``
-    mask rows (memory: one strip), bins it by an integer factor to about ``focus_mpp``.
-    """
-    from scipy import ndimage
-
-    level = slide.level_for_mpp(cfg.focus_mpp)
-    k = max(1, int(round(cfg.focus_mpp / slide.level_mpp(level))))
-    per_mask = mask.downsample / (slide.levels[level].downsample * k)  # focus px per mask px
-    h, w = mask.mask.shape
-    fw = int(np.ceil(w * per_mask))
-    halo = 16  # focus px: covers the band-pass filter's reach (4 sigma)
-    fine = np.zeros((h, w), np.float32)
-    band = np.zeros((h, w), np.float32)
-    for r0 in range(0, h, _STRIP_ROWS):
-        r1 = min(h, r0 + _STRIP_ROWS)
-        if not mask.mask[r0:r1].any():
-            continue
-        y0 = int(np.floor(r0 * per_mask)) - halo
-        y1 = int(np.ceil(r1 * per_mask)) + halo
-        rgb = slide.read_level(level, (0, y0 * k), (fw * k, (y1 - y0) * k))
-        grey = rgb.reshape(y1 - y0, k, fw, k, 3).mean(axis=(1, 3, 4), dtype=np.float32)
-        g2 = ndimage.gaussian_filter(grey, 2.0)
-        box = (0.0, r0 * per_mask - y0, w * per_mask, r1 * per_mask - y0)
-        for energy, out in (((grey - ndimage.gaussian_filter(grey, 1.0)) ** 2, fine),
-                            ((g2 - ndimage.gaussian_filter(g2, 2.0 * 3 ** 0.5)) ** 2, band)):
-            out[r0:r1] = np.asarray(Image.fromarray(energy).resize(
-                (w, r1 - r0), Image.Resampling.BOX, box=box))
-    return fine, band
