@@ -10,7 +10,7 @@ the denominator of every area and percentage, and the overlay's class polygons e
   ink that absorbs red more than green (green, blue) or blue more than green (red, orange) is
   outside that gamut; black ink is dark in every channel with a flat spectrum. Clear seeds grow
   (hysteresis) through px where the excess is weaker because tissue lies under the ink.
-- ``blur``: out of focus, from a focus measure read in strips at ``focus_mpp`` µm/px: the energy
+- ``blur``: out of focus, from a focus measure read cell by cell at ``focus_mpp`` µm/px: the energy
   of the finest detail (grey minus its Gaussian, sigma 1 px) over that of a coarser band
   (Gaussians of sigma 2 and 4 px), pooled over ``focus_smooth_um``. Contrast and stain cancel
   out. A region is out of focus when its sharpness is low in absolute terms and relative to the
@@ -30,9 +30,9 @@ import numpy as np
 from .config import QcConfig
 from .slide import Slide
 from .focus import blur_layer
-from .smoothing import normalized_gauss
+from .smoothing import dilate, erode, normalized_gauss
 from .tiling import TileGrid, cell_means
-from .tissue import Overview, TissueMask, glass_rgb, read_overview
+from .tissue import Overview, TissueMask, density_lut, glass_rgb, read_overview
 
 __all__ = ["KINDS", "ArtefactMask", "detect_artefacts",
            "cell_intensity_flags"]
@@ -40,6 +40,7 @@ __all__ = ["KINDS", "ArtefactMask", "detect_artefacts",
 KINDS: tuple[str, ...] = ("pen", "blur", "fold", "bubble")
 _FOLD_LOCAL_UM = 16.0  # Gaussian sigma smoothing tissue OD before the fold test, µm
 _EDGE_UM = 4.0  # px this close to ink or a bubble are not tested for blur, µm
+_STRIP_ROWS = 128  # overview rows per pass of the per-px colour tests (bounds their temporaries)
 
 
 @dataclass(frozen=True)
@@ -80,35 +81,33 @@ class ArtefactMask:
 
 
 def detect_artefacts(slide: Slide, mask: TissueMask, cfg: QcConfig = QcConfig(),
-                     overview: Overview | None = None) -> ArtefactMask:
+                     overview: Overview | None = None, workers: int = 0) -> ArtefactMask:
     """Artefact layers of ``slide`` on ``mask``'s grid (pass ``overview`` read at ``mask.mpp``
-    to reuse it). Reads the overview and, in strips, a ``cfg.focus_mpp`` µm/px image."""
-    from scipy import ndimage
-
+    to reuse it). Reads the overview and the tissue's cells at ``cfg.focus_mpp`` µm/px (in
+    ``workers`` processes when > 1; :mod:`wsi_response.focus`)."""
     if overview is None:
         overview = read_overview(slide, mask.mpp)
     tissue = mask.mask
     if overview.image.shape[:2] != tissue.shape:
         raise ValueError(f"overview {overview.image.shape[:2]} and mask {tissue.shape} differ in shape")
     px_um = mask.mpp
-    od = _optical_density(overview.image)
-    pen = _ink(od, px_um, cfg) & tissue
-    od_sum = od.sum(axis=2)
-    bubble = _bubble(od, od_sum, tissue & ~pen, px_um, cfg) & tissue
+    rgb = overview.image
+    lut = density_lut(glass_rgb(rgb))
+    excess, od = _density(rgb, lut, cfg)
+    pen = _ink(excess, od, px_um, cfg) & tissue
+    del excess
+    bubble = _bubble(od, rgb, lut, tissue & ~pen, px_um, cfg) & tissue
     measured = tissue & ~pen & ~bubble
-    near = ndimage.binary_dilation(pen | bubble, _disk(_EDGE_UM / px_um))  # their edges look smooth
+    near = _dilate(pen | bubble, _EDGE_UM / px_um)  # their edges look smooth
     layers = {
         "pen": pen,
-        "blur": blur_layer(slide, mask, measured, cfg) & ~near,
-        "fold": _fold(od, measured, px_um, cfg),
+        "blur": blur_layer(slide, mask, measured, cfg, workers) & ~near,
+        "fold": _fold(od.total, rgb, lut, measured, px_um, cfg),
         "bubble": bubble,
     }
     min_px = int(cfg.min_artefact_mm2 / (px_um / 1000.0) ** 2)
     if min_px > 1:  # ink is found by colour alone and kept however small
-        from skimage import morphology
-
-        layers = {k: v if k == "pen" else morphology.remove_small_objects(v, max_size=min_px)
-                  for k, v in layers.items()}
+        layers = {k: v if k == "pen" else _drop_small(v, min_px) for k, v in layers.items()}
     return ArtefactMask(layers=layers, downsample=mask.downsample, mpp=mask.mpp,
                         tissue_area_mm2=mask.area_mm2)
 
@@ -121,7 +120,8 @@ def cell_intensity_flags(grid: TileGrid, overview: Overview, tissue: TissueMask,
     resolution; no tile has to be read. Glass around the tissue does not count (an edge cell is
     mostly glass, not a blank tile); ``tissue`` must be on the overview's grid.
     """
-    grey = overview.image.mean(axis=2) * tissue.mask
+    rgb = overview.image
+    grey = (rgb[..., 0].astype(np.float32) + rgb[..., 1] + rgb[..., 2]) * (tissue.mask / np.float32(3.0))
     amount = cell_means(grid, tissue.mask, overview.downsample)
     mean_grey = cell_means(grid, grey, overview.downsample) / np.maximum(amount, 1e-12)
     has_tissue = amount > 0
@@ -131,16 +131,40 @@ def cell_intensity_flags(grid: TileGrid, overview: Overview, tissue: TissueMask,
 # --------------------------------------------------------------------------- detectors
 
 
-def _optical_density(rgb: np.ndarray) -> np.ndarray:
-    """OD ``[y, x, 3]`` float32 relative to the slide's glass colour (0 on glass)."""
-    glass = glass_rgb(rgb)
-    od = np.empty(rgb.shape, np.float32)
-    for c in range(3):  # one channel at a time: no full-size float temporaries
-        plane = od[..., c]
-        np.divide(rgb[..., c].astype(np.float32) + 1.0, glass[c] + 1.0, out=plane)
-        np.log10(np.clip(plane, 1e-3, None, out=plane), out=plane)
-        np.negative(plane, out=plane)
-    return od
+@dataclass(frozen=True)
+class _Density:
+    """Per-px optical density (OD) tests of the overview, ``[y, x]`` on the mask grid."""
+
+    total: np.ndarray       # OD summed over the channels, float32
+    black_seed: np.ndarray  # every channel's OD >= black_min_od, flat spectrum
+    black_grow: np.ndarray  # lowest OD minus half the spread >= black_grow_od
+    dark: np.ndarray        # every channel's OD >= rim_min_od, spread / mean <= rim_max_spread
+
+
+def _density(rgb: np.ndarray, lut: np.ndarray, cfg: QcConfig) -> tuple[np.ndarray, _Density]:
+    """Ink colour excess (max(red, blue) OD minus green OD, float32 ``[y, x]``) and the other
+    per-px OD tests of ``rgb`` (uint8 ``[y, x, 3]``; ``lut`` from :func:`density_lut`).
+
+    Computed in strips of :data:`_STRIP_ROWS` rows: the channel planes never exist at full size.
+    """
+    h, w = rgb.shape[:2]
+    excess, total = np.empty((h, w), np.float32), np.empty((h, w), np.float32)
+    black_seed, black_grow, dark = (np.empty((h, w), bool) for _ in range(3))
+    for r0 in range(0, h, _STRIP_ROWS):
+        rows = slice(r0, r0 + _STRIP_ROWS)
+        r, g, b = (lut[c].take(rgb[rows, :, c]) for c in range(3))
+        hi, lo = np.maximum(r, b), np.minimum(r, b)
+        np.subtract(hi, g, out=excess[rows])  # > 0: red or blue absorbed more than green
+        np.maximum(hi, g, out=hi)
+        np.minimum(lo, g, out=lo)
+        np.add(r, g, out=total[rows])
+        total[rows] += b
+        spread = np.subtract(hi, lo, out=hi)
+        mean = np.maximum(total[rows] / 3.0, 1e-3, out=r)
+        black_seed[rows] = (spread <= cfg.black_max_spread * mean) & (lo >= cfg.black_min_od)
+        black_grow[rows] = lo - 0.5 * spread >= cfg.black_grow_od
+        dark[rows] = (lo >= cfg.rim_min_od) & (spread / mean <= cfg.rim_max_spread)
+    return excess, _Density(total=total, black_seed=black_seed, black_grow=black_grow, dark=dark)
 
 
 def _disk(radius_px: float) -> np.ndarray:
@@ -149,18 +173,46 @@ def _disk(radius_px: float) -> np.ndarray:
     return xx * xx + yy * yy <= r * r + r
 
 
-def _ink(od: np.ndarray, px_um: float, cfg: QcConfig) -> np.ndarray:
-    """Marker ink px: colour out of the H&E gamut, or black; grown from clear seeds."""
-    r, g, b = od[..., 0], od[..., 1], od[..., 2]
-    excess = np.maximum(r - g, b - g)  # red or blue absorbed more than green: not H, E or blood
+def _bbox(mask: np.ndarray, pad: int = 0) -> tuple[slice, slice] | None:
+    """Bounding box of the true px of ``mask`` grown by ``pad`` px (clipped); None if none."""
+    from scipy import ndimage
+
+    found = ndimage.find_objects(mask.view(np.uint8))
+    if not found:
+        return None
+    return tuple(slice(max(0, s.start - pad), min(n, s.stop + pad))  # type: ignore[return-value]
+                 for s, n in zip(found[0], mask.shape))
+
+
+def _dilate(mask: np.ndarray, radius_px: float) -> np.ndarray:
+    """Binary dilation by :func:`_disk` ``(radius_px)``, computed on the true px' bounding box."""
+    disk = _disk(radius_px)
+    out = np.zeros_like(mask)
+    box = _bbox(mask, disk.shape[0] // 2)
+    if box is not None:
+        out[box] = dilate(mask[box], disk)
+    return out
+
+
+def _drop_small(mask: np.ndarray, max_px: int) -> np.ndarray:
+    """``mask`` without its 4-connected pieces of at most ``max_px`` px."""
+    from skimage import morphology
+
+    out = np.zeros_like(mask)
+    box = _bbox(mask)
+    if box is not None:
+        out[box] = morphology.remove_small_objects(mask[box], max_size=max_px)
+    return out
+
+
+def _ink(excess: np.ndarray, od: _Density, px_um: float, cfg: QcConfig) -> np.ndarray:
+    """Marker ink px: colour out of the H&E gamut (``excess`` > 0), or black; grown from clear seeds."""
     # under ink, the tissue's own (negative) excess remains: measure against the surroundings
     plain = excess < 0.0  # H&E and glass; ink over tissue has a positive excess
-    local = excess - np.minimum(normalized_gauss(excess, plain, cfg.ink_context_um / px_um), 0.0)
+    local = np.minimum(normalized_gauss(excess, plain, cfg.ink_context_um / px_um), 0.0)
+    np.subtract(excess, local, out=local)
     colour = _grow(local >= cfg.ink_grow_excess_od, excess >= cfg.ink_min_excess_od)
-    lo, hi = od.min(axis=2), od.max(axis=2)
-    flat = (hi - lo) <= cfg.black_max_spread * np.maximum(od.mean(axis=2), 1e-3)
-    black = _grow(lo - 0.5 * (hi - lo) >= cfg.black_grow_od, flat & (lo >= cfg.black_min_od))
-    return colour | black
+    return colour | _grow(od.black_grow, od.black_seed)
 
 
 def _grow(candidates: np.ndarray, seeds: np.ndarray) -> np.ndarray:
@@ -174,49 +226,91 @@ def _grow(candidates: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     return keep[labels]
 
 
-def _fold(od: np.ndarray, measured: np.ndarray, px_um: float, cfg: QcConfig) -> np.ndarray:
+def _fold(total: np.ndarray, rgb: np.ndarray, lut: np.ndarray, measured: np.ndarray, px_um: float,
+          cfg: QcConfig) -> np.ndarray:
     """Tissue px ``fold_min_od_ratio`` times as dense as their surroundings, in the same colour
-    (two layers of the same tissue; denser tissue of another kind has another colour)."""
-    # per-channel planes, never a stack of them: memory stays at a few planes of the overview
-    local = [normalized_gauss(od[..., c], measured, _FOLD_LOCAL_UM / px_um) for c in range(3)]
-    context = [normalized_gauss(od[..., c], measured, cfg.fold_context_um / px_um) for c in range(3)]
-    local_sum, context_sum = local[0] + local[1] + local[2], context[0] + context[1] + context[2]
-    dense = measured & (local_sum >= cfg.fold_min_od_ratio * context_sum)
-    np.maximum(local_sum, 1e-3, out=local_sum)
-    np.maximum(context_sum, 1e-3, out=context_sum)
-    shift = np.zeros_like(local_sum)
-    for lc, cc in zip(local, context):  # L1 distance of the OD chromaticities
-        shift += np.abs(lc / local_sum - cc / context_sum)
-    return dense & (shift <= cfg.fold_max_colour_shift)
+    (two layers of the same tissue; denser tissue of another kind has another colour).
+
+    ``total``: the OD summed over the channels; the channels' own OD (from ``rgb`` and ``lut``)
+    is smoothed only when some px are dense, and read only there.
+    """
+    sigmas = (_FOLD_LOCAL_UM / px_um, cfg.fold_context_um / px_um)
+    local, context = (normalized_gauss(total, measured, s) for s in sigmas)  # Gaussians are linear
+    dense = measured & (local >= cfg.fold_min_od_ratio * context)
+    at = np.nonzero(dense)
+    if not at[0].size:
+        return dense
+    sums = (local[at], context[at])
+    del local, context
+    parts = []  # per channel: its local and context OD at the dense px
+    for c in (0, 1):  # the third channel's is the sum less these two
+        plane = lut[c].take(rgb[..., c])
+        parts.append([normalized_gauss(plane, measured, s)[at] for s in sigmas])
+        del plane
+    parts.append([s - p0 - p1 for s, p0, p1 in zip(sums, *parts)])
+    norm = [np.maximum(s, 1e-3) for s in sums]
+    shift = sum(np.abs(lc / norm[0] - cc / norm[1]) for lc, cc in parts)  # L1 of the chromaticities
+    dense[at] = shift <= cfg.fold_max_colour_shift
+    return dense
 
 
-def _bubble(od: np.ndarray, od_sum: np.ndarray, measured: np.ndarray, px_um: float,
+def _bubble(od: _Density, rgb: np.ndarray, lut: np.ndarray, measured: np.ndarray, px_um: float,
             cfg: QcConfig) -> np.ndarray:
     """Thin dark neutral rims around pale, convex interiors, and long straight dark lines."""
     from scipy import ndimage
-    from skimage.measure import regionprops
+    from skimage.morphology import convex_hull_image
 
-    lo, hi = od.min(axis=2), od.max(axis=2)
-    spread = (hi - lo) / np.maximum(od.mean(axis=2), 1e-3)
-    dark = (lo >= cfg.rim_min_od) & (spread <= cfg.rim_max_spread)
     width_px = cfg.rim_max_width_um / px_um
-    thin = dark & ~ndimage.binary_opening(dark, _disk(width_px / 2))
-    thin = ndimage.binary_closing(thin, _disk(width_px / 2), border_value=0)  # bridge gaps in rims
-    filled = ndimage.binary_fill_holes(thin)
-    interiors, n = ndimage.label(filled & ~thin)
+    half = _disk(width_px / 2)
+    thin = od.dark & ~dilate(erode(od.dark, half), half)  # less its opening
+    thin = erode(dilate(thin, half), half)  # closing: bridges gaps in rims
+    # interiors: the holes in the rims, background pieces (4-connected) clear of the border
+    background, n = ndimage.label(~thin)
+    hole = np.ones(n + 1, bool)
+    hole[0] = False
+    hole[np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])] = False
+    interiors = (np.cumsum(hole, dtype=np.int32) * hole)[background]  # numbered 1.. in scan order
+    del background
+    n = int(hole.sum())
+    filled = thin | (interiors > 0)
     out = np.zeros_like(measured)
-    reference = float(np.median(od_sum[measured])) if measured.any() else 0.0
     if n:
-        idx = np.arange(1, n + 1)
-        mean_od = ndimage.mean(od_sum, interiors, idx)
-        solid = np.array([r.solidity >= cfg.bubble_min_solidity for r in regionprops(interiors)])
-        rims = ndimage.grey_dilation(interiors, footprint=_disk(width_px)) * thin
-        neutral = ndimage.median(spread, rims, idx) <= cfg.black_max_spread  # grey as a whole
-        pale = np.concatenate([[False], (mean_od <= cfg.bubble_max_od_ratio * reference) & solid & neutral])
-        out |= ndimage.binary_dilation(pale[interiors], _disk(width_px)) & filled
+        reference = float(np.median(od.total[measured])) if measured.any() else 0.0
+        mean_od = ndimage.mean(od.total, interiors, np.arange(1, n + 1))
+        boxes = ndimage.find_objects(interiors)
+        rim = _disk(width_px)
+        reach = 2 * (rim.shape[0] // 2)  # the rim's disk, and that of any label it competes with
+        pale = np.zeros(n + 1, bool)
+        for i in np.flatnonzero(mean_od <= cfg.bubble_max_od_ratio * reference):
+            inside = interiors[boxes[i]] == i + 1
+            if inside.sum() < cfg.bubble_min_solidity * convex_hull_image(inside).sum():
+                continue
+            # its rim: thin px whose disk holds it as the highest label (grey dilation of labels)
+            box = tuple(slice(max(0, s.start - reach), s.stop + reach) for s in boxes[i])
+            ys, xs = np.nonzero((ndimage.grey_dilation(interiors[box], footprint=rim) == i + 1)
+                                & thin[box])
+            od_rim = lut[np.arange(3), rgb[box][ys, xs]]  # [px, channel]
+            spread = np.ptp(od_rim, axis=1) / np.maximum(od_rim.mean(axis=1), 1e-3)
+            pale[i + 1] = ys.size > 0 and np.median(spread) <= cfg.black_max_spread  # grey as a whole
+        if pale.any():
+            out |= _dilate(pale[interiors], width_px) & filled
     lines, n = ndimage.label(thin & ~out)
-    if n:  # coverslip edges: long and straight (second moments of a thin line)
-        straight = [r.axis_major_length * px_um >= cfg.edge_min_length_um
-                    and r.axis_minor_length <= 2 * width_px for r in regionprops(lines)]
-        out |= ndimage.binary_dilation(np.concatenate([[False], straight])[lines], _disk(1))
+    straight = np.zeros(n + 1, bool)
+    for i, box in enumerate(ndimage.find_objects(lines)):  # coverslip edges: long and straight
+        # a line's length (4 sd along its axis) is at most twice its bounding box's diagonal
+        if 2 * np.hypot(*(s.stop - s.start for s in box)) * px_um < cfg.edge_min_length_um:
+            continue
+        major, minor = _axis_lengths(np.nonzero(lines[box] == i + 1))
+        straight[i + 1] = major * px_um >= cfg.edge_min_length_um and minor <= 2 * width_px
+    if straight.any():
+        out |= _dilate(straight[lines], 1)
     return out
+
+
+def _axis_lengths(coords: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
+    """Major and minor axis lengths (4 sd along the principal axes, px) of a px set."""
+    if coords[0].size < 2:
+        return 0.0, 0.0
+    eig = np.linalg.eigvalsh(np.cov(np.stack(coords).astype(np.float64), bias=True))
+    minor, major = 4.0 * np.sqrt(np.maximum(eig, 0.0))
+    return float(major), float(minor)

@@ -63,7 +63,7 @@ class InferenceConfig:
     """Batched CNN inference."""
 
     batch_size: int = _f(64, range=(1, 4096))                 # tiles per forward pass (GPU: 512 recommended)
-    num_workers: int = _f(2, range=(0, 128))                  # tile-reading worker processes (0: in-process)
+    num_workers: int = _f(2, range=(0, 128))                  # tile-reading processes, inference and focus QC (0: in-process)
     device: str = _f("auto", choices=("auto", "cpu", "cuda"))
     autocast: str = _f("bf16", choices=("bf16", "fp16", "fp32"))  # CUDA autocast dtype (fp32: none); CPU runs fp32
     compile: bool = _f(False)                                 # torch.compile the model on CUDA (eager fallback)

@@ -1,60 +1,122 @@
-"""Out-of-focus tissue: a focus measure read from the pyramid, pooled on the tissue mask's grid."""
+"""Out-of-focus tissue: a focus measure read tile by tile, pooled on the tissue mask's grid.
+
+The measure at about ``focus_mpp`` µm/px: the energy of the finest detail (grey minus its
+Gaussian, sigma 1 px) over that of a coarser band (Gaussians of sigma 2 and 4 px, taken on the
+2 × 2-binned grey, where that band is well inside the Nyquist limit). Defocus removes fine detail
+first, so the ratio drops; stain and contrast cancel out. Only cells holding measured tissue are
+read, through the tile reader (tile-aligned regions, direct JPEG decode where verified), chunk
+by chunk, in ``workers`` processes: memory is a chunk per process plus two float32 planes of the
+mask's size, and the work is proportional to the tissue, not to the slide.
+"""
 from __future__ import annotations
 
-import numpy as np
-from PIL import Image
+import multiprocessing
+from typing import Iterator
 
-from .config import QcConfig
+import numpy as np
+
+from .config import QcConfig, TilingConfig
 from .slide import Slide
 from .smoothing import normalized_gauss
+from .tiling import TileGrid, TileReader, tile_grid
 from .tissue import TissueMask
 
-__all__ = ["blur_layer"]
+__all__ = ["blur_layer", "focus_energies", "detail_energies"]
 
-_STRIP_ROWS = 64  # mask rows per focus-measure strip
+_CELL_MASK_PX = 64  # mask px per side of one read cell
+_HALO_PX = 12       # focus px read around each cell: the filters' reach (3 sigma), so cells join seamlessly
 
 
-def blur_layer(slide: Slide, mask: TissueMask, measured: np.ndarray, cfg: QcConfig) -> np.ndarray:
+def blur_layer(slide: Slide, mask: TissueMask, measured: np.ndarray, cfg: QcConfig,
+               workers: int = 0) -> np.ndarray:
     """Tissue px whose sharpness is below ``blur_max_sharpness`` and ``blur_max_relative`` x
     the slide's sharp tissue (both: a slide scanned soft all over is not out of focus)."""
-    fine, band = _focus_energies(slide, mask, cfg)
-    sigma = cfg.focus_smooth_um / mask.mpp
-    sharp = normalized_gauss(fine, measured, sigma) / np.maximum(
-        normalized_gauss(band, measured, sigma), 1e-6)
     if not measured.any():
         return np.zeros_like(measured)
+    fine, band = focus_energies(slide, TissueMask(measured, mask.downsample, mask.mpp), cfg.focus_mpp, workers)
+    sigma = cfg.focus_smooth_um / mask.mpp
+    sharp = normalized_gauss(fine, measured, sigma)
+    sharp /= np.maximum(normalized_gauss(band, measured, sigma), 1e-6)
     reference = float(np.percentile(sharp[measured], cfg.focus_reference_percentile))
     return measured & (sharp < min(cfg.blur_max_sharpness, cfg.blur_max_relative * reference))
 
 
-def _focus_energies(slide: Slide, mask: TissueMask, cfg: QcConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Mean squared fine detail and coarser-band detail per mask px (grey levels²).
+def focus_energies(slide: Slide, mask: TissueMask, focus_mpp: float,
+                   workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Fine and coarse detail energy per mask px (float32 ``[y, x]`` on ``mask``'s grid; 0 off
+    tissue), grey levels² (grey = R + G + B). ``workers`` > 1 reads and filters in that many processes.
 
-    Reads the pyramid level at or finer than ``cfg.focus_mpp`` in strips of ``_STRIP_ROWS``
-    mask rows (memory: one strip), bins it by an integer factor to about ``focus_mpp``.
+    Focus px are ``mask.mpp / k`` µm, ``k`` the even number of focus px per mask px closest to
+    ``mask.mpp / focus_mpp``, so a cell of ``_CELL_MASK_PX`` mask px is a whole number of both.
     """
-    from scipy import ndimage
-
-    level = slide.level_for_mpp(cfg.focus_mpp)
-    k = max(1, int(round(cfg.focus_mpp / slide.level_mpp(level))))
-    per_mask = mask.downsample / (slide.levels[level].downsample * k)  # focus px per mask px
+    k = 2 * max(1, int(round(mask.mpp / focus_mpp / 2)))
+    side = _CELL_MASK_PX * k
+    grid = tile_grid(slide, mask, TilingConfig(target_mpp=mask.mpp / k, tile_px=side + 2 * _HALO_PX,
+                                                stride_px=side, min_tissue_fraction=0.0))
     h, w = mask.mask.shape
-    fw = int(np.ceil(w * per_mask))
-    halo = 16  # focus px: covers the band-pass filter's reach (4 sigma)
     fine = np.zeros((h, w), np.float32)
     band = np.zeros((h, w), np.float32)
-    for r0 in range(0, h, _STRIP_ROWS):
-        r1 = min(h, r0 + _STRIP_ROWS)
-        if not mask.mask[r0:r1].any():
-            continue
-        y0 = int(np.floor(r0 * per_mask)) - halo
-        y1 = int(np.ceil(r1 * per_mask)) + halo
-        rgb = slide.read_level(level, (0, y0 * k), (fw * k, (y1 - y0) * k))
-        grey = rgb.reshape(y1 - y0, k, fw, k, 3).mean(axis=(1, 3, 4), dtype=np.float32)
-        g2 = ndimage.gaussian_filter(grey, 2.0)
-        box = (0.0, r0 * per_mask - y0, w * per_mask, r1 * per_mask - y0)
-        for energy, out in (((grey - ndimage.gaussian_filter(grey, 1.0)) ** 2, fine),
-                            ((g2 - ndimage.gaussian_filter(g2, 2.0 * 3 ** 0.5)) ** 2, band)):
-            out[r0:r1] = np.asarray(Image.fromarray(energy).resize(
-                (w, r1 - r0), Image.Resampling.BOX, box=box))
+    for indices, tile_fine, tile_band in _chunk_energies(slide, grid, k, workers):
+        for (col, row), f, b in zip(grid.cols_rows[indices], tile_fine, tile_band):
+            y0, x0 = row * _CELL_MASK_PX, col * _CELL_MASK_PX
+            y1, x1 = min(h, y0 + _CELL_MASK_PX), min(w, x0 + _CELL_MASK_PX)
+            fine[y0:y1, x0:x1] = f[:y1 - y0, :x1 - x0]
+            band[y0:y1, x0:x1] = b[:y1 - y0, :x1 - x0]
     return fine, band
+
+
+def _chunk_energies(slide: Slide, grid: TileGrid, k: int, workers: int
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(tile indices, fine, band) per chunk of ``grid``, in this process or ``workers`` processes."""
+    reader = TileReader(slide, grid)
+    try:
+        if workers <= 1 or grid.n_chunks < 2:
+            for k_chunk in range(grid.n_chunks):
+                yield _energies_of_chunk(reader, k, k_chunk)
+            return
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        with context.Pool(min(workers, grid.n_chunks), initializer=_set_reader, initargs=(reader, k)) as pool:
+            yield from pool.imap_unordered(_energies_in_worker, range(grid.n_chunks))
+    finally:
+        reader.close()
+
+
+_WORKER: tuple[TileReader, int] | None = None  # the reader and k of this worker process
+
+
+def _set_reader(reader: TileReader, k: int) -> None:
+    global _WORKER
+    _WORKER = (reader, k)
+
+
+def _energies_in_worker(k_chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    assert _WORKER is not None
+    return _energies_of_chunk(_WORKER[0], _WORKER[1], k_chunk)
+
+
+def _energies_of_chunk(reader: TileReader, k: int, k_chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    indices, tiles = reader.read_chunk(k_chunk)
+    return (indices, *detail_energies(tiles, k, _HALO_PX))
+
+
+def detail_energies(tiles: np.ndarray, k: int, halo: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean fine and coarse detail energy per ``k`` × ``k`` block of RGB uint8 ``tiles``
+    ``(n, T, T, 3)`` whose outer ``halo`` px (even) only feed the filters. Returns two float32
+    ``(n, S, S)`` (``S = (T - 2 halo) / k``), grey levels² (grey = R + G + B)."""
+    from scipy import ndimage
+
+    n, size = tiles.shape[:2]
+    s, half = (size - 2 * halo) // k, size // 2
+    grey = tiles[..., 0].astype(np.float32)
+    grey += tiles[..., 1]
+    grey += tiles[..., 2]
+    fine = grey - ndimage.gaussian_filter(grey, (0, 1, 1), truncate=3.0)
+    fine = np.square(fine[:, halo:size - halo, halo:size - halo])
+    # sigma 2 and 4 focus px = 1 and 2 px of the 2 x 2-binned grey (4 = 2 then 2 * sqrt(3))
+    binned = grey.reshape(n, half, 2, half, 2).mean(axis=(2, 4))
+    low = ndimage.gaussian_filter(binned, (0, 1, 1), truncate=3.0)
+    band = low - ndimage.gaussian_filter(low, (0, 3 ** 0.5, 3 ** 0.5), truncate=3.0)
+    hb = halo // 2
+    band = np.square(band[:, hb:half - hb, hb:half - hb])
+    return (fine.reshape(n, s, k, s, k).mean(axis=(2, 4)),
+            band.reshape(n, s, k // 2, s, k // 2).mean(axis=(2, 4)))

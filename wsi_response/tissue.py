@@ -15,8 +15,9 @@ from PIL import Image
 
 from .config import TissueConfig
 from .slide import Slide
+from .smoothing import dilate, erode
 
-__all__ = ["Overview", "TissueMask", "read_overview", "detect_tissue", "glass_rgb"]
+__all__ = ["Overview", "TissueMask", "read_overview", "detect_tissue", "glass_rgb", "density_lut"]
 
 READ_BUDGET_BYTES = 64 << 20  # decoded level pixels (RGB bytes) per strip read, whatever the level's width
 
@@ -93,27 +94,25 @@ def detect_tissue(slide: Slide, cfg: TissueConfig = TissueConfig(),
 
 def tissue_from_rgb(rgb: np.ndarray, mpp: float, cfg: TissueConfig) -> np.ndarray:
     """Boolean tissue mask of an RGB uint8 overview at ``mpp`` µm/px."""
-    from scipy import ndimage
     from skimage import morphology
 
-    glass = glass_rgb(rgb)
-    # max over channels of the optical density above glass = -log10 of the smallest transmission
-    # ratio; one float32 plane at a time keeps memory at a few bytes per overview pixel
-    transmission = np.full(rgb.shape[:2], np.inf, np.float32)
-    for c in range(3):
-        np.minimum(transmission, (rgb[..., c].astype(np.float32) + 1.0) / (glass[c] + 1.0), out=transmission)
-    od_max = -np.log10(np.clip(transmission, 1e-3, None, out=transmission), out=transmission)
-    vmax = rgb.max(axis=2)
-    saturation = (vmax - rgb.min(axis=2)).astype(np.float32) / np.maximum(vmax, 1).astype(np.float32)
-    scanner_black = vmax < 40  # unscanned areas / slide edge, not stain
-    stained = ((od_max > cfg.min_optical_density) | (saturation > cfg.min_saturation)) & ~scanner_black
-    del transmission, od_max, saturation, vmax
+    # OD above glass over the threshold in any channel, by table: memory is a few bool planes
+    dense = density_lut(glass_rgb(rgb)) > cfg.min_optical_density
+    stained = dense[0].take(rgb[..., 0])
+    for c in (1, 2):
+        stained |= dense[c].take(rgb[..., c])
+    vmax = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+    spread = vmax - np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+    stained |= spread >= _min_saturated_spread(cfg.min_saturation).take(vmax)  # HSV saturation
+    stained &= vmax >= 40  # darker: unscanned areas / slide edge, not stain
+    del vmax, spread
 
     px_area_mm2 = (mpp / 1000.0) ** 2
     radius = int(round(cfg.closing_um / mpp))
     mask = stained
     if radius > 0:
-        mask = ndimage.binary_closing(mask, structure=morphology.disk(radius), border_value=0)
+        disk = morphology.disk(radius).astype(bool)
+        mask = erode(dilate(mask, disk), disk)  # closing
         mask |= stained
     if cfg.max_hole_mm2 > 0:
         mask = morphology.remove_small_holes(mask, max_size=max(1, int(cfg.max_hole_mm2 / px_area_mm2)))
@@ -122,12 +121,42 @@ def tissue_from_rgb(rgb: np.ndarray, mpp: float, cfg: TissueConfig) -> np.ndarra
     return mask
 
 
+def _min_saturated_spread(min_saturation: float) -> np.ndarray:
+    """Per max channel value v (256,): the smallest max - min channel spread whose saturation
+    (spread / v, float32) exceeds ``min_saturation``; 256 where none does."""
+    v = np.maximum(np.arange(256, dtype=np.float32), 1.0)[:, None]
+    saturated = np.arange(256, dtype=np.float32)[None, :] / v > np.float32(min_saturation)
+    return np.where(saturated.any(axis=1), saturated.argmax(axis=1), 256).astype(np.uint16)
+
+
+def density_lut(glass: np.ndarray) -> np.ndarray:
+    """Optical density above ``glass`` of each uint8 value per channel, float32 ``[3, 256]``:
+    ``-log10((v + 1) / (glass + 1))``, transmission clipped at 1e-3 (0 on glass)."""
+    ratio = (np.arange(256, dtype=np.float32)[None, :] + 1.0) / (glass.astype(np.float32)[:, None] + 1.0)
+    return -np.log10(np.clip(ratio, 1e-3, None))
+
+
 def glass_rgb(img: np.ndarray) -> np.ndarray:
-    """The glass colour: the median of the brightest 10 % of pixels (white if the slide is full)."""
-    lum = img.mean(axis=2, dtype=np.float32)
-    cut = np.percentile(lum, 90)
-    bright = img[lum >= cut]
-    glass = np.median(bright, axis=0).astype(np.float32)
+    """The glass colour: the median of the brightest 10 % of pixels (white if the slide is full).
+
+    Exact percentiles of the uint8 data from histograms: no sort, no float planes.
+    """
+    lum = img[..., 0].astype(np.uint16)  # 3 x the mean grey
+    lum += img[..., 1]
+    lum += img[..., 2]
+    bright = lum >= _quantile(np.bincount(lum.ravel(), minlength=766), 0.9)
+    del lum
+    glass = np.array([_quantile(np.bincount(img[..., c][bright], minlength=256), 0.5)
+                      for c in range(3)], np.float32)
     if glass.mean() < 180:  # no glass visible: tissue everywhere; measure against white
         glass = np.full(3, 245.0, np.float32)
-    return glass.astype(np.float32)
+    return glass
+
+
+def _quantile(counts: np.ndarray, q: float) -> float:
+    """``np.quantile`` (linear interpolation) of the data whose value histogram is ``counts``."""
+    ends = np.cumsum(counts)
+    pos = q * (ends[-1] - 1)
+    below = int(np.floor(pos))
+    lo, hi = np.searchsorted(ends, [below, min(below + 1, ends[-1] - 1)], side="right")
+    return float(lo + (pos - below) * (hi - lo))
