@@ -1,14 +1,19 @@
-"""Shared helpers of the benchmark scripts: a synthetic slide, its grid, timing of raw tile reads."""
+"""Shared helpers of the benchmark scripts: a synthetic slide, its grid, timing of raw tile reads,
+random-weight classifiers."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+from wsi_response.classes import CLASSES
+from wsi_response.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_model, load_classifier, save_classifier
 from wsi_response.config import TilingConfig
 from wsi_response.slide import Slide, open_slide
 from wsi_response.synth import synth_slide
 from wsi_response.tiling import TileGrid, TileReader, tile_grid
 from wsi_response.tissue import detect_tissue
+
+TILING = TilingConfig(target_mpp=1.0, tile_px=224, stride_px=224)  # the benchmarks' tiles
 
 
 def bench_slide(folder: Path, size_px: tuple[int, int], seed: int = 1) -> Path:
@@ -35,3 +40,16 @@ def read_rate(slide: Slide, grid: TileGrid) -> float:
     rate = n / (time.perf_counter() - start)
     reader.close()
     return rate
+
+
+def saved_classifier(arch: str, folder: Path) -> Classifier:
+    """A random-weight timm ``arch`` (224 px at 1.0 µm/px) saved to ``folder`` and loaded back as
+    the pipeline loads models."""
+    import torch
+
+    torch.manual_seed(0)
+    clf = Classifier(model=build_model(arch), arch=arch, class_names=CLASSES, target_mpp=TILING.target_mpp,
+                     tile_px=TILING.tile_px, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    path = folder / f"{arch}-random.safetensors"
+    save_classifier(clf, path)
+    return load_classifier(path, TILING)

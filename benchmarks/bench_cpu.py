@@ -1,13 +1,17 @@
 """CPU benchmark of the whole slide pipeline: stage rates, end to end, peak memory, in one run.
 
-    python benchmarks/bench_cpu.py [--sizes 40000x30000,80000x60000] [--work .cache/bench]
+    python benchmarks/bench_cpu.py [--sizes 40000x30000,80000x60000] [--models demo,resnet18]
 
-For each size (a synthetic 0.25 µm/px SVS with a ×4 pyramid, generated once and cached) a fresh
-process times: tissue detection, the tile grid, a bare OpenSlide ``read_region`` of the grid's
-tiles (the baseline), our tile reader, the CNN alone on in-memory tiles, and the real
-``process_slide`` end to end (read + CNN + zarr store + areas + regions + GeoJSON + PNGs). It
-prints tiles/s per stage, the reader's ratio to bare OpenSlide, the share of the run spent
-outside the CNN, and the process's peak RSS (flat in slide size is the goal).
+For each size (a synthetic 0.25 µm/px SVS with a ×4 pyramid, generated once and cached in
+``--work``) and each model (``demo``: the bundled lcnet_050; a timm name: random weights, saved
+and loaded through the real checkpoint path; or a model file) a fresh process times: the
+overview and tissue mask, artefact QC (ink, folds, bubbles, the focus measure), the tile grid, a
+bare OpenSlide ``read_region`` of the grid's tiles (the baseline), our tile reader, the CNN alone
+on in-memory tiles, and the real ``process_slide`` end to end (QC + read + CNN + zarr store +
+areas + regions + GeoJSON + PNGs). It prints tiles/s per stage, the reader's ratio to bare
+OpenSlide, the share of the end-to-end run spent outside the CNN (1 - tiles / CNN rate / wall
+time), and the peak RSS of the main process and of its largest worker (flat in slide size is
+the goal).
 """
 from __future__ import annotations
 
@@ -26,24 +30,29 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def one_size(size: tuple[int, int], work: Path, model: Path | None, workers: int) -> dict:
+def one_size(size: tuple[int, int], work: Path, model: str, workers: int) -> dict:
     import torch
 
-    from _common import slide_and_grid
+    from _common import slide_and_grid, saved_classifier
     from tiles import openslide_tiles
+    from wsi_response.artefacts import detect_artefacts
     from wsi_response.classifier import default_model_path, load_classifier, to_unit_float
     from wsi_response.config import load_config
     from wsi_response.pipeline import process_slide
     from wsi_response.tiling import TileReader, tile_grid
-    from wsi_response.tissue import detect_tissue
+    from wsi_response.tissue import detect_tissue, read_overview
 
     slide, _ = slide_and_grid(work, size)  # generation (cached) is not timed
     cfg = load_config(None, [f"inference.num_workers={workers}", "inference.device=cpu"])
     out: dict = {"size": f"{size[0]}x{size[1]}", "levels": len(slide.levels)}
 
     t = time.perf_counter()
-    mask = detect_tissue(slide, cfg.tissue)
+    overview = read_overview(slide, cfg.tissue.mask_mpp)
+    mask = detect_tissue(slide, cfg.tissue, overview)
     out["tissue_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    detect_artefacts(slide, mask, cfg.qc, overview, workers)
+    out["artefacts_s"] = time.perf_counter() - t
     t = time.perf_counter()
     grid = tile_grid(slide, mask, cfg.tiling)
     out["grid_s"] = time.perf_counter() - t
@@ -59,7 +68,13 @@ def one_size(size: tuple[int, int], work: Path, model: Path | None, workers: int
     read = sum(len(i) for i, _ in reader.iter_chunks())
     out["reader_tiles_per_s"] = read / (time.perf_counter() - t)
 
-    classifier = load_classifier(model or default_model_path(), cfg.tiling)
+    with tempfile.TemporaryDirectory() as tmp:
+        if model == "demo":
+            classifier = load_classifier(default_model_path(), cfg.tiling)
+        elif Path(model).is_file():
+            classifier = load_classifier(Path(model), cfg.tiling)
+        else:
+            classifier = saved_classifier(model, Path(tmp))
     batch = torch.from_numpy(np.concatenate([t for _, t in reader.iter_chunks(range(min(3, grid.n_chunks)))])[:64])
     net = classifier.model.eval()
     with torch.inference_mode():
@@ -77,43 +92,58 @@ def one_size(size: tuple[int, int], work: Path, model: Path | None, workers: int
     out["end_to_end_tiles_per_s"] = n / out["end_to_end_s"]
     out["stage_timing"] = record["timing"]
     cnn_s = n / out["cnn_tiles_per_s"]
+    out["non_cnn_s"] = out["end_to_end_s"] - cnn_s
     out["non_cnn_share"] = max(0.0, 1 - cnn_s / out["end_to_end_s"])
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out["model"] = f"{classifier.arch} ({classifier.path.name})"
+    out["peak_rss_worker_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    out["model_arg"] = model
+    out["model"] = f"{classifier.arch} ({'bundled demo' if model == 'demo' else model if Path(model).is_file() else 'random weights'})"
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="40000x30000,80000x60000")
+    parser.add_argument("--models", default="demo,resnet18",
+                        help="comma-separated: demo (bundled), a timm name (random weights) or a model file")
     parser.add_argument("--work", type=Path, default=Path(".cache/bench"))
-    parser.add_argument("--model", type=Path, default=None, help="model file (default: the bundled demo model)")
     parser.add_argument("--workers", type=int, default=2, help="tile-reading worker processes")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.one:
-        w, h = (int(v) for v in args.one.split("x"))
-        print(json.dumps(one_size((w, h), args.work, args.model, args.workers)))
+        size, model = args.one.split(",")
+        w, h = (int(v) for v in size.split("x"))
+        print(json.dumps(one_size((w, h), args.work, model, args.workers)))
         return
-    print(f"machine: {os.cpu_count()} CPUs; one fresh process per slide size", file=sys.stderr)
+    print(f"machine: {os.cpu_count()} CPUs; one fresh process per slide size and model", file=sys.stderr)
     rows = []
-    for size in args.sizes.split(","):
-        cmd = [sys.executable, __file__, "--one", size, "--work", str(args.work), "--workers", str(args.workers)]
-        if args.model:
-            cmd += ["--model", str(args.model)]
-        rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]))
-    for r in rows:
-        print(f"\nslide {r['size']} px ({r['levels']} levels), {r['tiles']} tiles of 224 px at 1.0 µm/px; model {r['model']}")
-        print(f"  tissue mask        {r['tissue_s']:8.2f} s")
-        print(f"  tile grid          {r['grid_s']:8.2f} s")
-        print(f"  OpenSlide read     {r['openslide_tiles_per_s']:8.0f} tiles/s (baseline, one process)")
-        print(f"  tile reader        {r['reader_tiles_per_s']:8.0f} tiles/s = {r['reader_tiles_per_s'] / r['openslide_tiles_per_s']:.2f}x "
-              f"OpenSlide ({r['reader_backend']})")
-        print(f"  CNN alone          {r['cnn_tiles_per_s']:8.0f} tiles/s")
-        print(f"  end to end         {r['end_to_end_tiles_per_s']:8.0f} tiles/s ({r['end_to_end_s']:.1f} s; stages {r['stage_timing']})")
-        print(f"  outside the CNN    {100 * r['non_cnn_share']:8.1f} % of the run")
-        print(f"  peak RSS           {r['peak_rss_mb']:8.0f} MB")
+    for model in args.models.split(","):
+        for size in args.sizes.split(","):
+            cmd = [sys.executable, __file__, "--one", f"{size},{model}", "--work", str(args.work),
+                   "--workers", str(args.workers)]
+            rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]))
+            _print_row(rows[-1])
+    for model in args.models.split(","):
+        same = [r for r in rows if r["model_arg"] == model]
+        if len(same) > 1:
+            peaks = " -> ".join(f"{r['peak_rss_mb']:.0f}" for r in same)
+            print(f"\n{model}: peak RSS {peaks} MB for {' -> '.join(r['size'] for r in same)} px slides "
+                  f"(x{same[-1]['peak_rss_mb'] / same[0]['peak_rss_mb']:.2f} for x{same[-1]['tiles'] / same[0]['tiles']:.1f} tiles)")
+
+
+def _print_row(r: dict) -> None:
+    print(f"\nslide {r['size']} px ({r['levels']} levels), {r['tiles']} tiles of 224 px at 1.0 µm/px; model {r['model']}")
+    print(f"  overview + tissue  {r['tissue_s']:8.2f} s")
+    print(f"  artefact QC        {r['artefacts_s']:8.2f} s (ink, folds, bubbles, focus)")
+    print(f"  tile grid          {r['grid_s']:8.2f} s")
+    print(f"  OpenSlide read     {r['openslide_tiles_per_s']:8.0f} tiles/s (baseline, one process)")
+    print(f"  tile reader        {r['reader_tiles_per_s']:8.0f} tiles/s = {r['reader_tiles_per_s'] / r['openslide_tiles_per_s']:.2f}x "
+          f"OpenSlide ({r['reader_backend']})")
+    print(f"  CNN alone          {r['cnn_tiles_per_s']:8.0f} tiles/s (float32, {r['tiles'] / r['cnn_tiles_per_s']:.1f} s for the slide)")
+    print(f"  end to end         {r['end_to_end_tiles_per_s']:8.0f} tiles/s ({r['end_to_end_s']:.1f} s; stages {r['stage_timing']})")
+    print(f"  outside the CNN    {100 * r['non_cnn_share']:8.1f} % of the run ({r['non_cnn_s']:.1f} s)")
+    print(f"  peak RSS           {r['peak_rss_mb']:8.0f} MB main process, {r['peak_rss_worker_mb']:.0f} MB largest worker")
 
 
 if __name__ == "__main__":

@@ -39,31 +39,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bench_slide  # noqa: E402
+from _common import TILING, bench_slide, saved_classifier  # noqa: E402
 
-from wsi_response.classes import CLASSES  # noqa: E402
-from wsi_response.classifier import (IMAGENET_MEAN, IMAGENET_STD, Classifier, build_model,  # noqa: E402
-                                     load_classifier, save_classifier)
-from wsi_response.config import Config, TilingConfig, load_config  # noqa: E402
+from wsi_response.classifier import Classifier  # noqa: E402
+from wsi_response.config import Config, load_config  # noqa: E402
 from wsi_response.inference import (DeviceDecodeUnavailable, DeviceDecoder, ModelRunner, resolve_device,  # noqa: E402
                                     tile_chunks)
 from wsi_response.pipeline import process_slide, run_specimen  # noqa: E402
 from wsi_response.slide import Slide, open_slide  # noqa: E402
 from wsi_response.tiling import TileGrid, TileReader, tile_grid  # noqa: E402
 from wsi_response.tissue import detect_tissue  # noqa: E402
-
-TILING = TilingConfig(target_mpp=1.0, tile_px=224, stride_px=224)
-
-
-def saved_classifier(arch: str, folder: Path) -> Classifier:
-    """A random-weight ``arch`` saved to ``folder`` and loaded back as the pipeline loads models."""
-    torch.manual_seed(0)
-    clf = Classifier(model=build_model(arch), arch=arch, class_names=CLASSES, target_mpp=TILING.target_mpp,
-                     tile_px=TILING.tile_px, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    path = folder / f"{arch}-random.safetensors"
-    save_classifier(clf, path)
-    return load_classifier(path, TILING)
-
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
