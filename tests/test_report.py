@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi_response.report import render_report
+from wsi_response.report import box_thumbnail, render_report
+from wsi_response.slide import open_slide
+from wsi_response.tissue import read_overview
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -69,3 +71,16 @@ def test_report_escapes_text_and_handles_an_empty_bed():
     assert "No tumor bed found" in html and "not assessable" in html
     assert "QC verdict: <b>not reportable</b>" in html and "fail: no tissue found" in html
     assert "Not for clinical use" not in html
+
+
+@pytest.mark.parametrize("downsample", [4.0, 6.5, 10.0, 15.9])
+def test_box_thumbnail_equals_a_slide_read_from_the_overviews_level(synth_tiff_slide, downsample):
+    """Box-filtering the in-memory overview gives the pixels a second read of the slide would."""
+    slide = open_slide(synth_tiff_slide.slide_path)
+    try:
+        overview = read_overview(slide, slide.mpp * 4)  # exactly the ×4 pyramid level
+        assert slide.level_for_mpp(slide.mpp * downsample) == slide.level_for_mpp(overview.mpp)
+        read = read_overview(slide, slide.mpp * downsample).image
+    finally:
+        slide.close()
+    np.testing.assert_array_equal(box_thumbnail(overview, slide.dimensions_px, downsample), read)

@@ -33,11 +33,11 @@ from .qc import slide_qc, specimen_qc
 from .config import Config, QcConfig, config_to_dict
 from .errors import OutputError, WsiResponseError
 from .quantify import SlideAreas, slide_areas_from_tiles, specimen_areas
-from .report import heatmap_png, mask_on_thumbnail, overlay_png, render_report
-from .slide import open_slide
+from .report import box_thumbnail, heatmap_png, mask_on_thumbnail, overlay_png, render_report
+from .slide import Slide, open_slide
 from .store import TilePredictions, read_tile_store
-from .tiling import tile_grid
-from .tissue import TissueMask, detect_tissue, read_overview
+from .tiling import TileGrid, tile_grid
+from .tissue import Overview, TissueMask, detect_tissue, read_overview
 
 __all__ = ["SCHEMA_VERSION", "unique_slide_ids", "process_slide", "record_failure", "aggregate_specimen",
            "run_specimen", "check_writable", "raise_if_environment", "config_sha256", "source_fingerprint",
@@ -132,7 +132,7 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
     try:
         overview = read_overview(slide, cfg.tissue.mask_mpp)
         mask = detect_tissue(slide, cfg.tissue, overview)
-        artefacts = detect_artefacts(slide, mask, cfg.qc, overview)
+        artefacts = detect_artefacts(slide, mask, cfg.qc, overview, cfg.inference.num_workers)
         usable = TissueMask(mask.mask & ~artefacts.any, mask.downsample, mask.mpp)
         laid = tile_grid(slide, usable, cfg.tiling)
         white, black = cell_intensity_flags(laid, overview, usable, cfg.qc)
@@ -156,8 +156,9 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
         areas = slide_areas_from_tiles(predictions.probs, predictions.class_names, grid.tissue_fraction,
                                        grid.cell_area_mm2)
         labels = predictions.labels
+        excluded = TissueMask(mask.mask & ~usable.mask, mask.downsample, mask.mpp)
         regions = class_regions(grid, labels, usable, predictions.class_names)
-        regions[ARTEFACT] = _artefact_region(mask, usable, blank)
+        regions[ARTEFACT] = _artefact_region(excluded, usable, blank)
         mean_probability = {
             name: (float(np.average(predictions.probs[labels == i, i], weights=grid.tissue_fraction[labels == i]))
                    if (labels == i).any() else None)
@@ -168,10 +169,8 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
                       overlay_features(regions, mean_probability, slide.mpp, offset))
         write_tiles(slide_dir / "tiles.geojson.gz", slide_id, grid, predictions.probs, predictions.class_names, offset)
 
-        thumb_ds = max(slide.dimensions_px) / THUMBNAIL_MAX_PX
-        thumbnail = read_overview(slide, max(slide.mpp, slide.mpp * thumb_ds)).image
-        thumb_ds = max(1.0, thumb_ds)
-        excluded = TissueMask(mask.mask & ~usable.mask, mask.downsample, mask.mpp)
+        thumb_ds = max(1.0, max(slide.dimensions_px) / THUMBNAIL_MAX_PX)
+        thumbnail = _thumbnail(slide, overview, thumb_ds)
         artefact_layer = {QUPATH_NAMES[ARTEFACT]: (mask_on_thumbnail(excluded, thumbnail.shape[:2], thumb_ds),
                                                    COLORS_RGB[ARTEFACT])}
         write_atomic(slide_dir / "overlay.png",
@@ -213,17 +212,28 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
     return record
 
 
-def _artefact_region(mask: TissueMask, usable: TissueMask, blank: Any) -> Any:
-    """Excluded tissue in level-0 px: artefact pixels plus blank (near-white/black) cells."""
+def _artefact_region(excluded: TissueMask, usable: TissueMask, blank: TileGrid) -> Any:
+    """Excluded tissue in level-0 px: the ``excluded`` (artefact) mask pixels plus blank
+    (near-white/black) cells clipped to ``usable`` tissue."""
     import shapely
 
     from .regions import class_regions, tissue_polygons
 
-    excluded = tissue_polygons(TissueMask(mask.mask & ~usable.mask, mask.downsample, mask.mpp))
+    region = tissue_polygons(excluded)
     if len(blank):
         cells = class_regions(blank, np.zeros(len(blank), np.int64), usable, (ARTEFACT,))[ARTEFACT]
-        excluded = shapely.union(excluded, cells)
-    return excluded
+        region = shapely.union(region, cells)
+    return region
+
+
+def _thumbnail(slide: Slide, overview: Overview, downsample: float) -> np.ndarray:
+    """The slide at ``downsample`` (>= 1) level-0 px per px. Box-filtered from ``overview`` when
+    that is finer and was read from the pyramid level a read at this scale would decode (no second
+    decode; the same pixels where the overview is that level); else read from a coarser level."""
+    mpp = slide.mpp * downsample
+    if overview.downsample <= downsample and slide.level_for_mpp(mpp) == slide.level_for_mpp(overview.mpp):
+        return box_thumbnail(overview, slide.dimensions_px, downsample)
+    return read_overview(slide, mpp).image
 
 
 def _area_fields(areas: SlideAreas) -> dict[str, Any]:

@@ -17,20 +17,20 @@ the slide and cell, so a rerun writes the same bytes.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import shapely
 import shapely.affinity
-import shapely.geometry
 
-from .atomic import atomic_open, write_atomic
+from .atomic import atomic_open
 from .classes import QUPATH_NAMES, qupath_classification
 from .errors import AnnotationError
 from .tiling import TileGrid
@@ -39,6 +39,7 @@ __all__ = ["Annotation", "read_annotations", "read_features", "overlay_features"
 
 _NAMESPACE = uuid.UUID("6f1c3a52-8d0e-4f7b-9a21-5b3e2f0c9d41")  # wsi-response object ids
 
+_COMPACT = (",", ":")  # json separators of the files written
 _AREA_TYPES = ("Polygon", "MultiPolygon")
 _OTHER_OBJECT_TYPES = ("detection", "tile", "cell", "tmacore", "tma_core")
 
@@ -162,21 +163,23 @@ def _areal_part(geom: Any) -> Any:
 # --------------------------------------------------------------------------- writing
 
 def overlay_features(regions: Mapping[str, Any], mean_probability: Mapping[str, float | None],
-                     mpp: float, offset_l0: tuple[float, float]) -> list[dict[str, Any]]:
-    """One locked MultiPolygon annotation per class region (level-0 px minus the bounds offset)."""
-    features = []
+                     mpp: float, offset_l0: tuple[float, float]) -> Iterator[dict[str, Any]]:
+    """One locked MultiPolygon annotation per class region, made as consumed (for :func:`write_overlay`).
+
+    ``geometry`` is the shapely MultiPolygon in level-0 px minus the bounds offset (a GeoJSON-like
+    object: it has ``__geo_interface__``); :func:`write_overlay` writes it as GeoJSON.
+    """
     for class_id, geometry in regions.items():
         if geometry is None or geometry.is_empty:
             continue
         shifted = shapely.affinity.translate(geometry, -offset_l0[0], -offset_l0[1])
-        multi = shifted if shifted.geom_type == "MultiPolygon" else shapely.MultiPolygon([shifted])
         measurements = {"Area µm^2": round(float(geometry.area) * mpp * mpp, 2)}
         if mean_probability.get(class_id) is not None:
             measurements["Mean probability"] = round(float(mean_probability[class_id]), 4)
-        features.append({
+        yield {
             "type": "Feature",
             "id": str(uuid.uuid5(_NAMESPACE, f"annotation/{class_id}")),
-            "geometry": shapely.geometry.mapping(multi),
+            "geometry": shifted if shifted.geom_type == "MultiPolygon" else shapely.MultiPolygon([shifted]),
             "properties": {
                 "objectType": "annotation",
                 "name": QUPATH_NAMES[class_id],
@@ -184,44 +187,83 @@ def overlay_features(regions: Mapping[str, Any], mean_probability: Mapping[str, 
                 "isLocked": True,
                 "measurements": measurements,
             },
-        })
-    return features
+        }
 
 
-def write_overlay(path: Path, features: list[dict[str, Any]]) -> None:
-    """Write ``overlay.geojson`` (a FeatureCollection) atomically."""
-    write_atomic(path, json.dumps({"type": "FeatureCollection", "features": features}, separators=(",", ":"),
-                                  default=float).encode())
+def write_overlay(path: Path, features: Iterable[Mapping[str, Any]]) -> None:
+    """Write ``overlay.geojson`` (a FeatureCollection) atomically, one feature at a time.
+
+    A shapely ``geometry`` is written by GEOS (``shapely.to_geojson``: the same numbers as
+    ``shapely.geometry.mapping``, without building them as Python objects).
+    """
+    with atomic_open(path) as fh:
+        fh.write(b'{"type":"FeatureCollection","features":[')
+        for i, feature in enumerate(features):
+            fh.write((b"," if i else b"") + _feature_json(feature).encode())
+        fh.write(b"]}")
+
+
+def _feature_json(feature: Mapping[str, Any]) -> str:
+    """Compact JSON of a Feature, its members in order; a shapely value is written as GeoJSON."""
+    return "{" + ",".join(
+        json.dumps(key) + ":" + (shapely.to_geojson(value) if isinstance(value, shapely.Geometry)
+                                 else json.dumps(value, separators=_COMPACT, default=float))
+        for key, value in feature.items()) + "}"
 
 
 def write_tiles(path: Path, slide_id: str, grid: TileGrid, probs: np.ndarray, class_names: Sequence[str],
                 offset_l0: tuple[float, float], chunk: int = 4096) -> None:
     """Stream ``tiles.geojson.gz``: one classified ``tile`` object per grid cell with its probabilities.
 
-    Each feature is the tile's *cell* (the non-overlapping stride box), so QuPath's measurement maps
-    show no overlaps. Features are written ``chunk`` at a time: memory does not grow with the grid.
+    Each feature is the tile's *cell* (the non-overlapping stride box; corners in level-0 px minus
+    the bounds offset, rounded to 0.01 px), probabilities and tissue fraction rounded to 1e-4.
+    Features are formatted and compressed ``chunk`` at a time: memory does not grow with the grid.
     """
-    names = [QUPATH_NAMES[c] for c in class_names]
-    labels = np.argmax(probs, axis=1) if len(probs) else np.zeros(0, np.int64)
-    s = grid.stride_l0
-    origins = grid.cell_origins_l0 - np.asarray(offset_l0, np.float64)
-    with atomic_open(path) as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+    template = _tile_template([QUPATH_NAMES[c] for c in class_names])
+    classification = [json.dumps(qupath_classification(c), separators=_COMPACT) for c in class_names]
+    n_cols, n_rows = (grid.cols_rows.max(axis=0) + 1).tolist() if len(grid) else (0, 0)
+    x_text = _cell_edges_text(n_cols, grid.stride_l0, offset_l0[0])  # per column: left, right edge
+    y_text = _cell_edges_text(n_rows, grid.stride_l0, offset_l0[1])  # per row: top, bottom edge
+    with atomic_open(path) as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
         gz.write(b'{"type":"FeatureCollection","features":[')
         for start in range(0, len(grid), chunk):
-            parts = []
-            for i in range(start, min(len(grid), start + chunk)):
-                x0, y0 = (round(float(v), 2) for v in origins[i])
-                x1, y1 = round(x0 + s, 2), round(y0 + s, 2)
-                measurements = {f"{n} probability": round(float(p), 4) for n, p in zip(names, probs[i])}
-                measurements["Tissue fraction"] = round(float(grid.tissue_fraction[i]), 4)
-                col, row = (int(v) for v in grid.cols_rows[i])
-                parts.append(json.dumps({
-                    "type": "Feature",
-                    "id": str(uuid.uuid5(_NAMESPACE, f"{slide_id}/tile/{col}/{row}")),
-                    "geometry": {"type": "Polygon",
-                                 "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
-                    "properties": {"objectType": "tile", "classification": qupath_classification(class_names[labels[i]]),
-                                   "measurements": measurements},
-                }, separators=(",", ":")))
-            gz.write(((b"," if start else b"") + ",".join(parts).encode()))
+            cols_rows = grid.cols_rows[start:start + chunk].tolist()
+            labels = np.argmax(probs[start:start + chunk], axis=1).tolist()
+            values = [[round(v, 4) for v in column] for column in
+                      (*probs[start:start + chunk].T.tolist(), grid.tissue_fraction[start:start + chunk].tolist())]
+            features = ",".join(
+                template % (i, x0, y0, x1, y0, x1, y1, x0, y1, x0, y0, classification[k], *m)
+                for i, (x0, x1), (y0, y1), k, *m in zip(
+                    _tile_ids(slide_id, cols_rows), (x_text[c] for c, _ in cols_rows),
+                    (y_text[r] for _, r in cols_rows), labels, *values))
+            gz.write((b"," if start else b"") + features.encode())
         gz.write(b"]}")
+
+
+def _cell_edges_text(n: int, stride_l0: float, offset: float) -> list[tuple[str, str]]:
+    """JSON text of the low and high edge (level-0 px minus ``offset``, rounded to 0.01) of cells 0..n-1."""
+    low = [round(v, 2) for v in (np.arange(n, dtype=np.float64) * stride_l0 - offset).tolist()]
+    return [(repr(v), repr(round(v + stride_l0, 2))) for v in low]
+
+
+def _tile_ids(slide_id: str, cols_rows: list[list[int]]) -> list[str]:
+    """``str(uuid.uuid5(_NAMESPACE, f"{slide_id}/tile/{col}/{row}"))`` of each cell, the UUID bits set
+    for all cells at once (a third of the time of ``uuid.uuid5`` one by one)."""
+    prefix = _NAMESPACE.bytes
+    digests = np.frombuffer(b"".join([hashlib.sha1(prefix + f"{slide_id}/tile/{c}/{r}".encode()).digest()[:16]
+                                      for c, r in cols_rows]), np.uint8).reshape(-1, 16).copy()
+    digests[:, 6] = digests[:, 6] & 0x0F | 0x50  # version 5
+    digests[:, 8] = digests[:, 8] & 0x3F | 0x80  # RFC 4122 variant
+    h = digests.tobytes().hex()
+    return [f"{h[i:i + 8]}-{h[i + 8:i + 12]}-{h[i + 12:i + 16]}-{h[i + 16:i + 20]}-{h[i + 20:i + 32]}"
+            for i in range(0, len(h), 32)]
+
+
+def _tile_template(names: Sequence[str]) -> str:
+    """%-template of one tile Feature: id, the 5 polygon corners (x, y) and the classification as
+    JSON text, then one probability per class name and the tissue fraction (``%r``: as JSON writes them)."""
+    measurements = ",".join(json.dumps(f"{n} probability").replace("%", "%%") + ":%r" for n in names)
+    corners = ",".join(["[%s,%s]"] * 5)
+    return ('{"type":"Feature","id":"%s","geometry":{"type":"Polygon","coordinates":[[' + corners + ']]},'
+            '"properties":{"objectType":"tile","classification":%s,"measurements":{'
+            + measurements + ',"Tissue fraction":%r}}}')

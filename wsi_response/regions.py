@@ -43,12 +43,19 @@ _RIGHT_PIXEL = np.array([[0, 0], [-1, 0], [-1, -1], [0, -1]])
 
 
 def tissue_polygons(mask: TissueMask) -> MultiPolygon:
-    """The tissue mask as polygons in level-0 px; area == ``mask.sum() * downsample**2`` exactly."""
-    h, w = mask.mask.shape
-    rows = max(1, _BAND_PIXELS // max(1, w))
-    bands = (mask.mask[r:r + rows].astype(np.int16) - 1 for r in range(0, h, rows))  # tissue: 0
-    edges_x = np.arange(w + 1) * mask.downsample
-    edges_y = np.arange(h + 1) * mask.downsample
+    """The tissue mask as polygons in level-0 px; area == ``mask.sum() * downsample**2`` exactly.
+
+    Only the bounding box of the tissue pixels is traced (a sparse mask costs little).
+    """
+    rows, cols = np.flatnonzero(mask.mask.any(axis=1)), np.flatnonzero(mask.mask.any(axis=0))
+    if len(rows) == 0:
+        return MultiPolygon()
+    box = mask.mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    h, w = box.shape
+    band = max(1, _BAND_PIXELS // w)
+    bands = (box[r:r + band].astype(np.int16) - 1 for r in range(0, h, band))  # tissue: 0
+    edges_x = np.arange(cols[0], cols[-1] + 2) * mask.downsample
+    edges_y = np.arange(rows[0], rows[-1] + 2) * mask.downsample
     return _trace(bands, 1, w, edges_x, edges_y)[0]
 
 
@@ -76,11 +83,14 @@ def class_regions(grid: TileGrid, labels: np.ndarray, mask: TissueMask,
     cell_label = np.full((int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1), -1, np.int16)
     cell_label[rows - rows.min(), cols - cols.min()] = labels
     band = max(1, _BAND_PIXELS // len(x_mask))
+    cell_cols = cell_label[:, x_cell] + np.int16(1)  # per cell row and refined column: label + 1, 0 for none
 
     def bands() -> Iterable[np.ndarray]:
         for r in range(0, len(y_mask), band):
-            tissue = mask.mask[np.ix_(y_mask[r:r + band], x_mask)]
-            yield np.where(tissue, cell_label[np.ix_(y_cell[r:r + band], x_cell)], -1)
+            labels = cell_cols.take(y_cell[r:r + band], axis=0)
+            labels *= mask.mask.take(y_mask[r:r + band], axis=0).take(x_mask, axis=1)  # 0 off tissue
+            labels -= 1
+            yield labels
 
     polygons = _trace(bands(), len(class_names), len(x_mask),
                       x_edges * mask.downsample, y_edges * mask.downsample)
