@@ -1,7 +1,7 @@
 """Out-of-focus tissue: a focus measure read tile by tile, pooled on the tissue mask's grid.
 
 The measure at about ``focus_mpp`` µm/px: the energy of the finest detail (grey minus its
-Gaussian, sigma 1 px) over that of a coarser band (Gaussians of sigma 2 and 4 px, taken on the
+binomial Gaussian, sigma 1 px) over that of a coarser band (Gaussians of sigma 2 and 4 px, taken on the
 2 × 2-binned grey, where that band is well inside the Nyquist limit). Defocus removes fine detail
 first, so the ratio drops; stain and contrast cancel out. Only cells holding measured tissue are
 read, through the tile reader (tile-aligned regions, direct JPEG decode where verified), chunk
@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import QcConfig, TilingConfig
 from .slide import Slide
-from .smoothing import normalized_gauss
+from .smoothing import block_mean
 from .tiling import TileGrid, TileReader, tile_grid
 from .tissue import TissueMask
 
@@ -25,6 +25,7 @@ __all__ = ["blur_layer", "focus_energies", "detail_energies"]
 
 _CELL_MASK_PX = 64  # mask px per side of one read cell
 _HALO_PX = 12       # focus px read around each cell: the filters' reach (3 sigma), so cells join seamlessly
+_BINOMIAL = np.array([1, 4, 6, 4, 1], np.float32) / 16  # the Gaussian of sigma 1 px, 5 taps
 
 
 def blur_layer(slide: Slide, mask: TissueMask, measured: np.ndarray, cfg: QcConfig,
@@ -33,10 +34,17 @@ def blur_layer(slide: Slide, mask: TissueMask, measured: np.ndarray, cfg: QcConf
     the slide's sharp tissue (both: a slide scanned soft all over is not out of focus)."""
     if not measured.any():
         return np.zeros_like(measured)
+    from scipy import ndimage
+
     fine, band = focus_energies(slide, TissueMask(measured, mask.downsample, mask.mpp), cfg.focus_mpp, workers)
+    # the ratio of the two Gaussian means over measured px: their common normaliser cancels
     sigma = cfg.focus_smooth_um / mask.mpp
-    sharp = normalized_gauss(fine, measured, sigma)
-    sharp /= np.maximum(normalized_gauss(band, measured, sigma), 1e-6)
+    for energy in (fine, band):
+        energy *= measured
+        ndimage.gaussian_filter(energy, sigma, mode="constant", truncate=3.0, output=energy)
+    sharp = fine
+    sharp /= np.maximum(band, 1e-6)
+    del band
     reference = float(np.percentile(sharp[measured], cfg.focus_reference_percentile))
     return measured & (sharp < min(cfg.blur_max_sharpness, cfg.blur_max_relative * reference))
 
@@ -106,17 +114,16 @@ def detail_energies(tiles: np.ndarray, k: int, halo: int) -> tuple[np.ndarray, n
     from scipy import ndimage
 
     n, size = tiles.shape[:2]
-    s, half = (size - 2 * halo) // k, size // 2
     grey = tiles[..., 0].astype(np.float32)
     grey += tiles[..., 1]
     grey += tiles[..., 2]
-    fine = grey - ndimage.gaussian_filter(grey, (0, 1, 1), truncate=3.0)
-    fine = np.square(fine[:, halo:size - halo, halo:size - halo])
+    fine = grey - ndimage.correlate1d(ndimage.correlate1d(grey, _BINOMIAL, axis=1), _BINOMIAL, axis=2)
+    fine = fine[:, halo:size - halo, halo:size - halo]
+    fine *= fine
     # sigma 2 and 4 focus px = 1 and 2 px of the 2 x 2-binned grey (4 = 2 then 2 * sqrt(3))
-    binned = grey.reshape(n, half, 2, half, 2).mean(axis=(2, 4))
-    low = ndimage.gaussian_filter(binned, (0, 1, 1), truncate=3.0)
+    low = ndimage.gaussian_filter(block_mean(grey, 2), (0, 1, 1), truncate=3.0)
     band = low - ndimage.gaussian_filter(low, (0, 3 ** 0.5, 3 ** 0.5), truncate=3.0)
-    hb = halo // 2
-    band = np.square(band[:, hb:half - hb, hb:half - hb])
-    return (fine.reshape(n, s, k, s, k).mean(axis=(2, 4)),
-            band.reshape(n, s, k // 2, s, k // 2).mean(axis=(2, 4)))
+    hb, half = halo // 2, size // 2
+    band = band[:, hb:half - hb, hb:half - hb]
+    band *= band
+    return block_mean(fine, k), block_mean(band, k // 2)

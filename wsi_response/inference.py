@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -98,6 +99,8 @@ class ModelRunner:
     CUDA only; CPU runs float32 eager. A compiled model sees every batch padded to
     ``batch_size`` tiles (one graph); if compiling or running it fails, one warning and eager from
     then on. :meth:`launch` queues a batch and returns a function that waits for its result.
+    ``busy_s``: seconds the host spent launching batches and waiting for their results (on the
+    CPU: the forward passes), so a run can report its share outside the model.
     """
 
     def __init__(self, classifier: Classifier, device: torch.device, *, autocast: str = "bf16",
@@ -108,6 +111,7 @@ class ModelRunner:
         self.model = classifier.model.to(device).eval()
         self.batch_size = batch_size
         self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.busy_s = 0.0
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
             if compile:  # re-wrapping the same module reuses dynamo's compiled graph (no recompile per slide)
@@ -115,6 +119,18 @@ class ModelRunner:
 
     def launch(self, tiles: torch.Tensor) -> Callable[[], np.ndarray]:
         """Queue the forward pass of uint8 ``tiles`` (on the device); the returned call gives float32 ``(n, C)``."""
+        start = time.perf_counter()
+        wait = self._launch(tiles)
+        self.busy_s += time.perf_counter() - start
+
+        def result() -> np.ndarray:
+            start = time.perf_counter()
+            probs = wait()
+            self.busy_s += time.perf_counter() - start
+            return probs
+        return result
+
+    def _launch(self, tiles: torch.Tensor) -> Callable[[], np.ndarray]:
         n = len(tiles)
         with torch.inference_mode():
             x = self.classifier.normalise(to_unit_float(tiles))
@@ -383,13 +399,15 @@ def _then_end(items: Iterable) -> Iterator:
 
 def predict(slide: Slide, grid: TileGrid, classifier: Classifier, *, batch_size: int = 64, num_workers: int = 2,
             device: str = "auto", autocast: str = "bf16", compile: bool = False, decode: str = "workers",
-            store: str | os.PathLike | None = None, progress: Progress | None = None) -> TilePredictions:
+            store: str | os.PathLike | None = None, progress: Progress | None = None,
+            timings: dict[str, float] | None = None) -> TilePredictions:
     """Class probabilities of every tile of ``grid`` (rows in grid order).
 
     ``autocast`` (bf16 | fp16 | fp32) and ``compile`` apply on CUDA; ``decode`` (workers | device)
     says where JPEG tiles are decoded (module docstring). ``store``: path of the slide's
     ``tiles.zarr``; chunks already in it (same model, slide and grid) are not recomputed.
-    ``progress(done, total)`` is called after each finished chunk.
+    ``progress(done, total)`` is called after each finished chunk. ``timings`` gets ``model_s``,
+    the seconds spent in the model (:attr:`ModelRunner.busy_s`; 0 when every chunk was stored).
     """
     _check_grid(grid, classifier)
     if decode not in DECODE_CHOICES:
@@ -447,6 +465,8 @@ def predict(slide: Slide, grid: TileGrid, classifier: Classifier, *, batch_size:
                     finish(*pending)
         finally:
             reader.close()
+            if timings is not None:
+                timings["model_s"] = runner.busy_s
     if tile_store is not None:
         tile_store.finalize()
     return TilePredictions(probs=probs, class_names=tuple(classifier.class_names))

@@ -146,7 +146,7 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
                 slide, grid, classifier, batch_size=cfg.inference.batch_size,
                 num_workers=cfg.inference.num_workers, device=cfg.inference.device,
                 autocast=cfg.inference.autocast, compile=cfg.inference.compile, decode=cfg.inference.decode,
-                store=slide_dir / "tiles.zarr",
+                store=slide_dir / "tiles.zarr", timings=timings,
                 progress=(lambda done, total: progress(slide_id, done, total)) if progress else None)
         else:
             predictions = TilePredictions(np.zeros((0, len(CLASSES)), np.float32), CLASSES)

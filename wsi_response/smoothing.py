@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["normalized_gauss", "dilate", "erode"]
+__all__ = ["normalized_gauss", "block_mean", "dilate", "erode"]
 
 _BLOCK_SIGMA = 2.0  # Gaussians of sigma >= this x 2 px run on blocks of sigma / this px
 
@@ -28,7 +28,7 @@ def normalized_gauss(values: np.ndarray, weight: np.ndarray, sigma_px: float) ->
     den[:h, :w] = weight
     sigma = sigma_px
     if q > 1:
-        num, den = _block_mean(num, q), _block_mean(den, q)
+        num, den = block_mean(num, q), block_mean(den, q)
         sigma = np.sqrt(sigma_px ** 2 - q * q / 4.0) / q
     ndimage.gaussian_filter(num, sigma, mode="constant", output=num)
     ndimage.gaussian_filter(den, sigma, mode="constant", output=den)
@@ -38,12 +38,15 @@ def normalized_gauss(values: np.ndarray, weight: np.ndarray, sigma_px: float) ->
     return num if q == 1 else _upsample(num, q)[:h, :w]
 
 
-def _block_mean(a: np.ndarray, q: int) -> np.ndarray:
-    """Means of the ``q`` x ``q`` blocks of ``a`` (float32, both sides multiples of ``q``)."""
-    rows = a.reshape(a.shape[0] // q, q, a.shape[1]).sum(axis=1)  # adds whole rows: fast
-    out = rows[:, 0::q].copy()
+def block_mean(a: np.ndarray, q: int) -> np.ndarray:
+    """Means of the ``q`` x ``q`` blocks over the last two axes of float ``a`` (both multiples
+    of ``q``), float32: whole rows added first, then strided columns (no reduction over a short
+    inner axis, which numpy does slowly)."""
+    *lead, h, w = a.shape
+    rows = a.reshape(*lead, h // q, q, w).sum(axis=-2, dtype=np.float32)
+    out = rows[..., 0::q].copy()
     for i in range(1, q):
-        out += rows[:, i::q]
+        out += rows[..., i::q]
     out *= 1.0 / (q * q)
     return out
 
