@@ -186,12 +186,12 @@ def _worker_pids(parent: int) -> list[int]:
     return pids
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120, poll: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
-        time.sleep(0.05)
+        time.sleep(poll)
 
 
 @pytest.mark.slow
@@ -205,13 +205,12 @@ def test_crashed_worker_and_stop_signal(tmp_path_factory: pytest.TempPathFactory
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # one worker, manifest order A_1, A_2, bad, B_1, B_2: kill the worker while it runs A_2
-        _wait_for(out / "A/slides/A_1/slide.json", proc)
-        time.sleep(0.5)
+        # (its folder appears when its tissue and grid are done, before inference)
+        _wait_for(out / "A/slides/A_2", proc, poll=0.005)
         [worker] = _worker_pids(proc.pid)
         os.kill(worker, signal.SIGSEGV)
         # then stop the batch (SLURM's time-limit warning) while B_2 runs
-        _wait_for(out / "B/slides/B_1/slide.json", proc)
-        time.sleep(0.5)
+        _wait_for(out / "B/slides/B_2", proc, poll=0.005)
         proc.send_signal(signal.SIGUSR1)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
