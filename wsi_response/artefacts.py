@@ -29,7 +29,7 @@ import numpy as np
 
 from .config import QcConfig
 from .slide import Slide
-from .focus import blur_layer
+from .focus import FocusJob, blur_layer
 from .smoothing import dilate, erode, normalized_gauss
 from .tiling import TileGrid, cell_means
 from .tissue import Overview, TissueMask, density_lut, glass_rgb, read_overview
@@ -90,7 +90,23 @@ def detect_artefacts(slide: Slide, mask: TissueMask, cfg: QcConfig = QcConfig(),
     tissue = mask.mask
     if overview.image.shape[:2] != tissue.shape:
         raise ValueError(f"overview {overview.image.shape[:2]} and mask {tissue.shape} differ in shape")
-    px_um = mask.mpp
+    focus = FocusJob(slide, mask, cfg.focus_mpp, workers)  # in worker processes while the rest runs here
+    try:
+        layers = _overview_layers(overview, tissue, mask.mpp, cfg)
+        measured = tissue & ~layers["pen"] & ~layers["bubble"]
+        near = _dilate(layers["pen"] | layers["bubble"], _EDGE_UM / mask.mpp)  # their edges look smooth
+        layers["blur"] = blur_layer(focus.result(), mask, measured, cfg) & ~near
+    finally:
+        focus.close()
+    min_px = int(cfg.min_artefact_mm2 / (mask.mpp / 1000.0) ** 2)
+    if min_px > 1:  # ink is found by colour alone and kept however small
+        layers = {k: v if k == "pen" else _drop_small(v, min_px) for k, v in layers.items()}
+    return ArtefactMask(layers={k: layers[k] for k in KINDS}, downsample=mask.downsample, mpp=mask.mpp,
+                        tissue_area_mm2=mask.area_mm2)
+
+
+def _overview_layers(overview: Overview, tissue: np.ndarray, px_um: float, cfg: QcConfig) -> dict[str, np.ndarray]:
+    """The ``pen``, ``bubble`` and ``fold`` layers, from the overview alone."""
     rgb = overview.image
     lut = density_lut(glass_rgb(rgb))
     excess, od = _density(rgb, lut, cfg)
@@ -98,18 +114,7 @@ def detect_artefacts(slide: Slide, mask: TissueMask, cfg: QcConfig = QcConfig(),
     del excess
     bubble = _bubble(od, rgb, lut, tissue & ~pen, px_um, cfg) & tissue
     measured = tissue & ~pen & ~bubble
-    near = _dilate(pen | bubble, _EDGE_UM / px_um)  # their edges look smooth
-    layers = {
-        "pen": pen,
-        "blur": blur_layer(slide, mask, measured, cfg, workers) & ~near,
-        "fold": _fold(od.total, rgb, lut, measured, px_um, cfg),
-        "bubble": bubble,
-    }
-    min_px = int(cfg.min_artefact_mm2 / (px_um / 1000.0) ** 2)
-    if min_px > 1:  # ink is found by colour alone and kept however small
-        layers = {k: v if k == "pen" else _drop_small(v, min_px) for k, v in layers.items()}
-    return ArtefactMask(layers=layers, downsample=mask.downsample, mpp=mask.mpp,
-                        tissue_area_mm2=mask.area_mm2)
+    return {"pen": pen, "fold": _fold(od.total, rgb, lut, measured, px_um, cfg), "bubble": bubble}
 
 
 def cell_intensity_flags(grid: TileGrid, overview: Overview, tissue: TissueMask, cfg: QcConfig = QcConfig()

@@ -1,42 +1,44 @@
-"""Out-of-focus tissue: a focus measure read tile by tile, pooled on the tissue mask's grid.
+"""Out-of-focus tissue: a focus measure read cell by cell, pooled on the tissue mask's grid.
 
 The measure at about ``focus_mpp`` µm/px: the energy of the finest detail (grey minus its
-binomial Gaussian, sigma 1 px) over that of a coarser band (Gaussians of sigma 2 and 4 px, taken on the
-2 × 2-binned grey, where that band is well inside the Nyquist limit). Defocus removes fine detail
-first, so the ratio drops; stain and contrast cancel out. Only cells holding measured tissue are
-read, through the tile reader (tile-aligned regions, direct JPEG decode where verified), chunk
-by chunk, in ``workers`` processes: memory is a chunk per process plus two float32 planes of the
-mask's size, and the work is proportional to the tissue, not to the slide.
+Gaussian of sigma 1 px) over that of a coarser band (Gaussians of sigma 2 and 4 px, taken on the
+2 × 2-binned grey, where that band is well inside the Nyquist limit), both pooled over
+``focus_smooth_um``. Defocus removes fine detail first, so the ratio drops; stain and contrast
+cancel out. Only cells holding tissue are read, through the tile reader (tile-aligned regions,
+direct JPEG decode where verified), in worker processes while the caller computes the other
+artefact layers (:class:`FocusJob`): memory is a chunk per process plus two float32 planes of
+the mask's size, and the work is proportional to the tissue, not to the slide.
 """
 from __future__ import annotations
 
 import multiprocessing
-from typing import Iterator
+import threading
+from typing import Any, Iterable
 
 import numpy as np
 
 from .config import QcConfig, TilingConfig
 from .slide import Slide
 from .smoothing import block_mean
-from .tiling import TileGrid, TileReader, tile_grid
+from .tiling import TileReader, tile_grid
 from .tissue import TissueMask
 
-__all__ = ["blur_layer", "focus_energies", "detail_energies"]
+__all__ = ["FocusJob", "blur_layer", "detail_energies"]
 
 _CELL_MASK_PX = 64  # mask px per side of one read cell
-_HALO_PX = 12       # focus px read around each cell: the filters' reach (3 sigma), so cells join seamlessly
-_BINOMIAL = np.array([1, 4, 6, 4, 1], np.float32) / 16  # the Gaussian of sigma 1 px, 5 taps
+_HALO_PX = 16       # focus px read around each cell: the filters' reach, so cells join seamlessly
 
 
-def blur_layer(slide: Slide, mask: TissueMask, measured: np.ndarray, cfg: QcConfig,
-               workers: int = 0) -> np.ndarray:
+def blur_layer(energies: tuple[np.ndarray, np.ndarray], mask: TissueMask, measured: np.ndarray,
+               cfg: QcConfig) -> np.ndarray:
     """Tissue px whose sharpness is below ``blur_max_sharpness`` and ``blur_max_relative`` x
-    the slide's sharp tissue (both: a slide scanned soft all over is not out of focus)."""
+    the slide's sharp tissue (both: a slide scanned soft all over is not out of focus), from the
+    :class:`FocusJob` ``energies`` (pooled in place) of the tissue that includes ``measured``."""
     if not measured.any():
         return np.zeros_like(measured)
     from scipy import ndimage
 
-    fine, band = focus_energies(slide, TissueMask(measured, mask.downsample, mask.mpp), cfg.focus_mpp, workers)
+    fine, band = energies
     # the ratio of the two Gaussian means over measured px: their common normaliser cancels
     sigma = cfg.focus_smooth_um / mask.mpp
     for energy in (fine, band):
@@ -44,49 +46,73 @@ def blur_layer(slide: Slide, mask: TissueMask, measured: np.ndarray, cfg: QcConf
         ndimage.gaussian_filter(energy, sigma, mode="constant", truncate=3.0, output=energy)
     sharp = fine
     sharp /= np.maximum(band, 1e-6)
-    del band
     reference = float(np.percentile(sharp[measured], cfg.focus_reference_percentile))
     return measured & (sharp < min(cfg.blur_max_sharpness, cfg.blur_max_relative * reference))
 
 
-def focus_energies(slide: Slide, mask: TissueMask, focus_mpp: float,
-                   workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Fine and coarse detail energy per mask px (float32 ``[y, x]`` on ``mask``'s grid; 0 off
-    tissue), grey levels² (grey = R + G + B). ``workers`` > 1 reads and filters in that many processes.
+class FocusJob:
+    """Fine and coarse detail energy per mask px of ``mask``'s tissue, float32 ``[y, x]`` on its
+    grid (0 off tissue), grey levels² (grey = R + G + B): :meth:`result`.
 
+    With ``workers`` > 1 the cells are read and filtered in that many processes from the moment
+    the job is made, and a thread of this process files each finished chunk into the two planes,
+    so the caller can compute other things meanwhile; otherwise :meth:`result` does the work.
     Focus px are ``mask.mpp / k`` µm, ``k`` the even number of focus px per mask px closest to
     ``mask.mpp / focus_mpp``, so a cell of ``_CELL_MASK_PX`` mask px is a whole number of both.
     """
-    k = 2 * max(1, int(round(mask.mpp / focus_mpp / 2)))
-    side = _CELL_MASK_PX * k
-    grid = tile_grid(slide, mask, TilingConfig(target_mpp=mask.mpp / k, tile_px=side + 2 * _HALO_PX,
-                                                stride_px=side, min_tissue_fraction=0.0))
-    h, w = mask.mask.shape
-    fine = np.zeros((h, w), np.float32)
-    band = np.zeros((h, w), np.float32)
-    for indices, tile_fine, tile_band in _chunk_energies(slide, grid, k, workers):
-        for (col, row), f, b in zip(grid.cols_rows[indices], tile_fine, tile_band):
-            y0, x0 = row * _CELL_MASK_PX, col * _CELL_MASK_PX
-            y1, x1 = min(h, y0 + _CELL_MASK_PX), min(w, x0 + _CELL_MASK_PX)
-            fine[y0:y1, x0:x1] = f[:y1 - y0, :x1 - x0]
-            band[y0:y1, x0:x1] = b[:y1 - y0, :x1 - x0]
-    return fine, band
 
+    def __init__(self, slide: Slide, mask: TissueMask, focus_mpp: float, workers: int = 0) -> None:
+        self.k = 2 * max(1, int(round(mask.mpp / focus_mpp / 2)))
+        side = _CELL_MASK_PX * self.k
+        self.grid = tile_grid(slide, mask, TilingConfig(target_mpp=mask.mpp / self.k, tile_px=side + 2 * _HALO_PX,
+                                                         stride_px=side, min_tissue_fraction=0.0))
+        self.fine = np.zeros(mask.mask.shape, np.float32)
+        self.band = np.zeros(mask.mask.shape, np.float32)
+        self._reader = TileReader(slide, self.grid)
+        self._pool: Any = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        if workers > 1 and self.grid.n_chunks > 1:
+            context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
+                                                  else "spawn")
+            self._pool = context.Pool(min(workers, self.grid.n_chunks), initializer=_set_reader,
+                                      initargs=(self._reader, self.k))
+            chunks = self._pool.imap_unordered(_energies_in_worker, range(self.grid.n_chunks))
+            self._thread = threading.Thread(target=self._file_all, args=(chunks,), daemon=True)
+            self._thread.start()
 
-def _chunk_energies(slide: Slide, grid: TileGrid, k: int, workers: int
-                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(tile indices, fine, band) per chunk of ``grid``, in this process or ``workers`` processes."""
-    reader = TileReader(slide, grid)
-    try:
-        if workers <= 1 or grid.n_chunks < 2:
-            for k_chunk in range(grid.n_chunks):
-                yield _energies_of_chunk(reader, k, k_chunk)
-            return
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        with context.Pool(min(workers, grid.n_chunks), initializer=_set_reader, initargs=(reader, k)) as pool:
-            yield from pool.imap_unordered(_energies_in_worker, range(grid.n_chunks))
-    finally:
-        reader.close()
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """The ``(fine, band)`` planes, once every cell is done (re-raises a worker's error)."""
+        try:
+            if self._thread is None:
+                self._file_all(_energies_of_chunk(self._reader, self.k, c) for c in range(self.grid.n_chunks))
+            else:
+                self._thread.join()
+        finally:
+            self.close()
+        if self._error is not None:
+            raise self._error
+        return self.fine, self.band
+
+    def close(self) -> None:
+        """Stop the workers (if still running) and close the reader."""
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+        self._reader.close()
+
+    def _file_all(self, chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        h, w = self.fine.shape
+        try:
+            for indices, tile_fine, tile_band in chunks:
+                for (col, row), f, b in zip(self.grid.cols_rows[indices], tile_fine, tile_band):
+                    y0, x0 = row * _CELL_MASK_PX, col * _CELL_MASK_PX
+                    y1, x1 = min(h, y0 + _CELL_MASK_PX), min(w, x0 + _CELL_MASK_PX)
+                    self.fine[y0:y1, x0:x1] = f[:y1 - y0, :x1 - x0]
+                    self.band[y0:y1, x0:x1] = b[:y1 - y0, :x1 - x0]
+        except BaseException as exc:  # handed to result() in the caller's thread
+            self._error = exc
 
 
 _WORKER: tuple[TileReader, int] | None = None  # the reader and k of this worker process
@@ -109,21 +135,30 @@ def _energies_of_chunk(reader: TileReader, k: int, k_chunk: int) -> tuple[np.nda
 
 def detail_energies(tiles: np.ndarray, k: int, halo: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean fine and coarse detail energy per ``k`` × ``k`` block of RGB uint8 ``tiles``
-    ``(n, T, T, 3)`` whose outer ``halo`` px (even) only feed the filters. Returns two float32
-    ``(n, S, S)`` (``S = (T - 2 halo) / k``), grey levels² (grey = R + G + B)."""
-    from scipy import ndimage
-
+    ``(n, T, T, 3)`` whose outer ``halo`` px (a multiple of 4, at least 16: the filters' reach)
+    only feed the filters. Returns two float32 ``(n, S, S)`` (``S = (T - 2 halo) / k``), grey
+    levels² (grey = R + G + B). Every filter is a binomial (a Gaussian of exactly its variance)
+    computed by shifted adds over valid px only, so cells join without seams."""
     n, size = tiles.shape[:2]
     grey = tiles[..., 0].astype(np.float32)
     grey += tiles[..., 1]
     grey += tiles[..., 2]
-    fine = grey - ndimage.correlate1d(ndimage.correlate1d(grey, _BINOMIAL, axis=1), _BINOMIAL, axis=2)
-    fine = fine[:, halo:size - halo, halo:size - halo]
+    inner = slice(halo, size - halo)
+    fine = grey[:, inner, inner] - _binomial(grey[:, halo - 2:size - halo + 2, halo - 2:size - halo + 2], 4)
     fine *= fine
-    # sigma 2 and 4 focus px = 1 and 2 px of the 2 x 2-binned grey (4 = 2 then 2 * sqrt(3))
-    low = ndimage.gaussian_filter(block_mean(grey, 2), (0, 1, 1), truncate=3.0)
-    band = low - ndimage.gaussian_filter(low, (0, 3 ** 0.5, 3 ** 0.5), truncate=3.0)
+    # sigma 2 and 4 focus px = 1 and 2 px of the 2 x 2-binned grey (variance 4 = 1 + 3: orders 4 and 12)
     hb, half = halo // 2, size // 2
-    band = band[:, hb:half - hb, hb:half - hb]
+    low = _binomial(block_mean(grey, 2)[:, hb - 8:half - hb + 8, hb - 8:half - hb + 8], 4)
+    band = low[:, 6:-6, 6:-6] - _binomial(low, 12)
     band *= band
     return block_mean(fine, k), block_mean(band, k // 2)
+
+
+def _binomial(a: np.ndarray, order: int) -> np.ndarray:
+    """``a`` ``(n, H, W)`` filtered by the binomial of ``order`` (even; variance order / 4 px²) along
+    both image axes, valid px only: ``(n, H - order, W - order)``."""
+    for axis in (1, 2):
+        for _ in range(order):
+            a = a[:, 1:, :] + a[:, :-1, :] if axis == 1 else a[:, :, 1:] + a[:, :, :-1]
+    a *= np.float32(0.5 ** (2 * order))
+    return a
