@@ -120,3 +120,16 @@ def test_half_resolution_tiles_use_reduced_jpeg_decode(synth_slide_and_mask):
     assert np.abs(np.stack([got[int(i)] for i in indices]).astype(int) - ref).mean() <= 1.0
     clone = pickle.loads(pickle.dumps(reader))
     assert clone.reduce == 2 and np.array_equal(clone.read_tiles(indices[:2]), reader.read_tiles(indices[:2]))
+
+
+@pytest.mark.parametrize("shape,step,cells", [((100, 130), 7, (15, 19)), ((100, 130), 7, (10, 12)),
+                                              ((168, 224), 56, (3, 4)), ((37, 41), 8, (6, 6))])
+def test_whole_px_boxes_equal_the_integral_image(shape, step, cells):
+    """Whole-px cells (the default grid on a 4 µm/px mask: 56 px) take block sums; they must equal
+    the exact integral-image means, with cells past the image edge counting it as empty."""
+    from wsi_response.tiling import _box_means, _box_means_integral
+
+    rng = np.random.default_rng(step)
+    ys, xs = (np.arange(n + 1) * float(step) for n in cells)
+    for image in (rng.random(shape) > 0.5, rng.random(shape).astype(np.float32)):
+        np.testing.assert_allclose(_box_means(image, xs, ys), _box_means_integral(image, xs, ys), atol=1e-9)

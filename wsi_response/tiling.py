@@ -177,11 +177,41 @@ def cell_means(grid: TileGrid, image: np.ndarray, downsample: float) -> np.ndarr
 
 
 def _box_means(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """Mean of ``mask`` over boxes [xs[j], xs[j+1]) × [ys[i], ys[i+1]) in fractional mask px.
+    """Mean of ``mask`` over boxes [xs[j], xs[j+1]) × [ys[i], ys[i+1]) in fractional mask px,
+    ``xs`` and ``ys`` evenly spaced from 0. Outside the mask counts as no tissue.
 
-    The integral of a pixel-constant image is bilinear inside each pixel, so interpolating the
-    integral image gives exact fractional coverage. Outside the mask counts as no tissue.
+    Boxes a whole number of px wide are block sums; others come from the integral image.
     """
+    step = float(xs[1] - xs[0]) if len(xs) > 1 else 0.0
+    if step >= 1 and abs(step - round(step)) < 1e-9 and xs[0] == 0 and ys[0] == 0 and np.allclose(
+            ys[1:] - ys[:-1], step) and np.allclose(xs[1:] - xs[:-1], step):
+        return _block_sums(mask, int(round(step)), len(ys) - 1, len(xs) - 1) / (step * step)
+    return _box_means_integral(mask, xs, ys)
+
+
+def _block_sums(image: np.ndarray, c: int, n_rows: int, n_cols: int) -> np.ndarray:
+    """(n_rows, n_cols) float64 sums of ``image`` over ``c`` x ``c`` px blocks from the origin
+    (px outside the image count 0): whole rows first, then columns of the much smaller result."""
+    h, w = min(image.shape[0], n_rows * c), min(image.shape[1], n_cols * c)
+    dtype = np.float64 if image.dtype.kind == "f" else np.int64
+    rows = np.zeros((n_rows, w), dtype)
+    whole = h // c
+    if whole:
+        rows[:whole] = image[:whole * c, :w].reshape(whole, c, w).sum(axis=1, dtype=dtype)
+    if h > whole * c:
+        rows[whole] = image[whole * c:h, :w].sum(axis=0, dtype=dtype)
+    out = np.zeros((n_rows, n_cols), np.float64)
+    cols = w // c
+    if cols:
+        out[:, :cols] = rows[:, :cols * c].reshape(n_rows, cols, c).sum(axis=2)
+    if w > cols * c:
+        out[:, cols] = rows[:, cols * c:w].sum(axis=1)
+    return out
+
+
+def _box_means_integral(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """:func:`_box_means` for any boxes: the integral of a pixel-constant image is bilinear inside
+    each pixel, so interpolating the integral image gives exact fractional coverage."""
     h, w = mask.shape
     integral = np.zeros((h + 1, w + 1), np.float64)
     integral[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.float64), axis=1)
