@@ -132,4 +132,5 @@ def test_whole_px_boxes_equal_the_integral_image(shape, step, cells):
     rng = np.random.default_rng(step)
     ys, xs = (np.arange(n + 1) * float(step) for n in cells)
     for image in (rng.random(shape) > 0.5, rng.random(shape).astype(np.float32)):
-        np.testing.assert_allclose(_box_means(image, xs, ys), _box_means_integral(image, xs, ys), atol=1e-9)
+        np.testing.assert_allclose(_box_means(image, float(step), *cells), _box_means_integral(image, xs, ys),
+                                   atol=1e-9)

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import QcConfig
-from .slide import Slide
 from .focus import FocusJob, blur_layer
+from .slide import Slide
 from .smoothing import dilate, erode, normalized_gauss
 from .tiling import TileGrid, cell_means
 from .tissue import Overview, TissueMask, density_lut, glass_rgb, read_overview
@@ -92,8 +92,7 @@ def detect_artefacts(slide: Slide, mask: TissueMask, cfg: QcConfig = QcConfig(),
         raise ValueError(f"overview {overview.image.shape[:2]} and mask {tissue.shape} differ in shape")
     focus = FocusJob(slide, mask, cfg.focus_mpp, workers)  # in worker processes while the rest runs here
     try:
-        layers = _overview_layers(overview, tissue, mask.mpp, cfg)
-        measured = tissue & ~layers["pen"] & ~layers["bubble"]
+        layers, measured = _overview_layers(overview, tissue, mask.mpp, cfg)
         near = _dilate(layers["pen"] | layers["bubble"], _EDGE_UM / mask.mpp)  # their edges look smooth
         layers["blur"] = blur_layer(focus.result(), mask, measured, cfg) & ~near
     finally:
@@ -105,8 +104,10 @@ def detect_artefacts(slide: Slide, mask: TissueMask, cfg: QcConfig = QcConfig(),
                         tissue_area_mm2=mask.area_mm2)
 
 
-def _overview_layers(overview: Overview, tissue: np.ndarray, px_um: float, cfg: QcConfig) -> dict[str, np.ndarray]:
-    """The ``pen``, ``bubble`` and ``fold`` layers, from the overview alone."""
+def _overview_layers(overview: Overview, tissue: np.ndarray, px_um: float, cfg: QcConfig
+                     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The ``pen``, ``bubble`` and ``fold`` layers, from the overview alone, and the tissue left
+    for the colour and focus tests (neither ink nor bubble)."""
     rgb = overview.image
     lut = density_lut(glass_rgb(rgb))
     excess, od = _density(rgb, lut, cfg)
@@ -114,7 +115,7 @@ def _overview_layers(overview: Overview, tissue: np.ndarray, px_um: float, cfg: 
     del excess
     bubble = _bubble(od, rgb, lut, tissue & ~pen, px_um, cfg) & tissue
     measured = tissue & ~pen & ~bubble
-    return {"pen": pen, "fold": _fold(od.total, rgb, lut, measured, px_um, cfg), "bubble": bubble}
+    return {"pen": pen, "fold": _fold(od.total, rgb, lut, measured, px_um, cfg), "bubble": bubble}, measured
 
 
 def cell_intensity_flags(grid: TileGrid, overview: Overview, tissue: TissueMask, cfg: QcConfig = QcConfig()

@@ -17,7 +17,6 @@ the slide and cell, so a rerun writes the same bytes.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import uuid
@@ -231,11 +230,11 @@ def write_tiles(path: Path, slide_id: str, grid: TileGrid, probs: np.ndarray, cl
             labels = np.argmax(probs[start:start + chunk], axis=1).tolist()
             values = [[round(v, 4) for v in column] for column in
                       (*probs[start:start + chunk].T.tolist(), grid.tissue_fraction[start:start + chunk].tolist())]
+            ids = (uuid.uuid5(_NAMESPACE, f"{slide_id}/tile/{c}/{r}") for c, r in cols_rows)
             features = ",".join(
                 template % (i, x0, y0, x1, y0, x1, y1, x0, y1, x0, y0, classification[k], *m)
                 for i, (x0, x1), (y0, y1), k, *m in zip(
-                    _tile_ids(slide_id, cols_rows), (x_text[c] for c, _ in cols_rows),
-                    (y_text[r] for _, r in cols_rows), labels, *values))
+                    ids, (x_text[c] for c, _ in cols_rows), (y_text[r] for _, r in cols_rows), labels, *values))
             gz.write((b"," if start else b"") + features.encode())
         gz.write(b"]}")
 
@@ -244,19 +243,6 @@ def _cell_edges_text(n: int, stride_l0: float, offset: float) -> list[tuple[str,
     """JSON text of the low and high edge (level-0 px minus ``offset``, rounded to 0.01) of cells 0..n-1."""
     low = [round(v, 2) for v in (np.arange(n, dtype=np.float64) * stride_l0 - offset).tolist()]
     return [(repr(v), repr(round(v + stride_l0, 2))) for v in low]
-
-
-def _tile_ids(slide_id: str, cols_rows: list[list[int]]) -> list[str]:
-    """``str(uuid.uuid5(_NAMESPACE, f"{slide_id}/tile/{col}/{row}"))`` of each cell, the UUID bits set
-    for all cells at once (a third of the time of ``uuid.uuid5`` one by one)."""
-    prefix = _NAMESPACE.bytes
-    digests = np.frombuffer(b"".join([hashlib.sha1(prefix + f"{slide_id}/tile/{c}/{r}".encode()).digest()[:16]
-                                      for c, r in cols_rows]), np.uint8).reshape(-1, 16).copy()
-    digests[:, 6] = digests[:, 6] & 0x0F | 0x50  # version 5
-    digests[:, 8] = digests[:, 8] & 0x3F | 0x80  # RFC 4122 variant
-    h = digests.tobytes().hex()
-    return [f"{h[i:i + 8]}-{h[i + 8:i + 12]}-{h[i + 12:i + 16]}-{h[i + 16:i + 20]}-{h[i + 20:i + 32]}"
-            for i in range(0, len(h), 32)]
 
 
 def _tile_template(names: Sequence[str]) -> str:

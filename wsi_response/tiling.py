@@ -129,11 +129,8 @@ def tile_grid(slide: Slide, mask: TissueMask, cfg: TilingConfig = TilingConfig()
     n_cols = int(math.ceil(w0 / stride_l0))
     n_rows = int(math.ceil(h0 / stride_l0))
 
-    # Cell edges in mask px; exact fractional-pixel coverage from the mask's integral image.
-    cell_mask_px = stride_l0 / mask.downsample
-    xs = np.arange(n_cols + 1) * cell_mask_px
-    ys = np.arange(n_rows + 1) * cell_mask_px
-    fractions = np.clip(_box_means(mask.mask, xs, ys), 0.0, 1.0)  # (n_rows, n_cols)
+    # exact (fractional-pixel) tissue coverage of each cell, (n_rows, n_cols)
+    fractions = np.clip(_box_means(mask.mask, stride_l0 / mask.downsample, n_rows, n_cols), 0.0, 1.0)
 
     keep = (fractions > 0) & (fractions >= cfg.min_tissue_fraction)
     level = slide.level_for_mpp(cfg.target_mpp)
@@ -169,24 +166,20 @@ def cell_means(grid: TileGrid, image: np.ndarray, downsample: float) -> np.ndarr
         return np.zeros(0, np.float64)
     cell_px = grid.stride_l0 / downsample
     n_cols, n_rows = (int(v) + 1 for v in grid.cols_rows.max(axis=0))
-    xs, ys = np.arange(n_cols + 1) * cell_px, np.arange(n_rows + 1) * cell_px
-    sums = _box_means(image, xs, ys)
-    covered = _box_means(np.ones(image.shape, bool), xs, ys)
+    sums = _box_means(image, cell_px, n_rows, n_cols)
+    covered = _box_means(np.ones(image.shape, bool), cell_px, n_rows, n_cols)
     rows, cols = grid.cols_rows[:, 1], grid.cols_rows[:, 0]
     return sums[rows, cols] / np.maximum(covered[rows, cols], 1e-12)
 
 
-def _box_means(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """Mean of ``mask`` over boxes [xs[j], xs[j+1]) × [ys[i], ys[i+1]) in fractional mask px,
-    ``xs`` and ``ys`` evenly spaced from 0. Outside the mask counts as no tissue.
-
-    Boxes a whole number of px wide are block sums; others come from the integral image.
-    """
-    step = float(xs[1] - xs[0]) if len(xs) > 1 else 0.0
-    if step >= 1 and abs(step - round(step)) < 1e-9 and xs[0] == 0 and ys[0] == 0 and np.allclose(
-            ys[1:] - ys[:-1], step) and np.allclose(xs[1:] - xs[:-1], step):
-        return _block_sums(mask, int(round(step)), len(ys) - 1, len(xs) - 1) / (step * step)
-    return _box_means_integral(mask, xs, ys)
+def _box_means(image: np.ndarray, cell_px: float, n_rows: int, n_cols: int) -> np.ndarray:
+    """(n_rows, n_cols) means of ``image`` over square cells of ``cell_px`` (fractional) px from
+    its origin; px outside the image count 0. Whole-px cells are block sums, others come from the
+    integral image."""
+    if cell_px >= 1 and abs(cell_px - round(cell_px)) < 1e-9:
+        c = int(round(cell_px))
+        return _block_sums(image, c, n_rows, n_cols) / float(c * c)
+    return _box_means_integral(image, np.arange(n_cols + 1) * cell_px, np.arange(n_rows + 1) * cell_px)
 
 
 def _block_sums(image: np.ndarray, c: int, n_rows: int, n_cols: int) -> np.ndarray:
@@ -210,7 +203,7 @@ def _block_sums(image: np.ndarray, c: int, n_rows: int, n_cols: int) -> np.ndarr
 
 
 def _box_means_integral(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """:func:`_box_means` for any boxes: the integral of a pixel-constant image is bilinear inside
+    """Mean of ``mask`` over boxes [xs[j], xs[j+1]) × [ys[i], ys[i+1]) in fractional mask px: the integral of a pixel-constant image is bilinear inside
     each pixel, so interpolating the integral image gives exact fractional coverage."""
     h, w = mask.shape
     integral = np.zeros((h + 1, w + 1), np.float64)
