@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import simplejpeg
 
-from .slide import Level, corrupt_tile_error, read_clipped
+from .slide import Level, Slide, corrupt_tile_error, read_clipped
 
-__all__ = ["JpegTileReader", "open_jpeg_tile_reader"]
+__all__ = ["JpegTileReader", "open_jpeg_tile_reader", "verified_jpeg_reader", "mean_abs_diff", "MAX_PROBE_MAD"]
+
+MAX_PROBE_MAD = 1.0  # mean absolute difference from the slide's own backend a fast read may show, grey levels
+ReadFn = Callable[[int, tuple[int, int], tuple[int, int]], np.ndarray]  # read(level, origin, size) -> RGB
 
 _JPEG = 7  # TIFF Compression tag value of "new-style" JPEG
 _RGB = 2   # TIFF PhotometricInterpretation: components stored as RGB (Aperio), not YCbCr
@@ -155,3 +158,23 @@ def open_jpeg_tile_reader(path: str | os.PathLike[str], levels: tuple[Level, ...
         tif.close()
         return None
     return JpegTileReader(path, pages, levels, tif)
+
+
+def verified_jpeg_reader(slide: Slide, level: int, probe: Callable[[ReadFn], np.ndarray],
+                         max_mad: float = MAX_PROBE_MAD) -> JpegTileReader | None:
+    """A :class:`JpegTileReader` for ``slide``, if it serves ``level`` and the pixels ``probe(read)``
+    reads through it match those it reads through the slide's own backend (``Slide.read_level``)
+    within ``max_mad`` grey levels on average; else None."""
+    fast = open_jpeg_tile_reader(slide.path, slide.levels)
+    if fast is None:
+        return None
+    if fast.supports(level):
+        if mean_abs_diff(probe(slide.read_level), probe(fast.read_level)) <= max_mad:
+            return fast
+    fast.close()
+    return None
+
+
+def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean absolute difference of two uint8 images of one shape, grey levels."""
+    return float(np.abs(a.astype(np.int16) - b).mean())

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .config import TilingConfig
-from .jpegtiles import JpegTileReader, open_jpeg_tile_reader
+from .jpegtiles import MAX_PROBE_MAD, JpegTileReader, mean_abs_diff, open_jpeg_tile_reader, verified_jpeg_reader
 from .slide import Slide
 from .tissue import TissueMask
 
@@ -235,7 +235,7 @@ class TileReader:
     forked process reopens them before its first read instead of sharing handles and offsets).
     """
 
-    MAX_PROBE_MAD = 1.0  # mean absolute difference, grey levels
+    MAX_PROBE_MAD = MAX_PROBE_MAD  # jpegtiles' bound (a class attribute, so a test can change it)
     PROBE_TILES = 4
 
     def __init__(self, slide: Slide, grid: TileGrid, fast: bool = True) -> None:
@@ -251,26 +251,18 @@ class TileReader:
 
     def _choose_fast_path(self) -> None:
         level = self.grid.read_level
-        fast = open_jpeg_tile_reader(self.slide.path, self.slide.levels)
-        if fast is None or not fast.supports(level):
-            if fast is not None:
-                fast.close()
-            return
         probe = np.linspace(0, len(self.grid) - 1, min(self.PROBE_TILES, len(self.grid))).astype(int)
-        reference = self._tiles(probe, self.slide.read_level, 1)
-        if not self._matches(reference, self._tiles(probe, fast.read_level, 1)):
-            fast.close()
+        fast = verified_jpeg_reader(self.slide, level, lambda read: self._tiles(probe, read, 1), self.MAX_PROBE_MAD)
+        if fast is None:
             return
         self._fast = fast
         self.backend = f"jpeg-tiles (matched {self.slide.backend} on {len(probe)} probe tiles)"
         if abs(self.grid.level_scale - 2.0) < 1e-9 and fast.supports(level, 2):
+            reference = self._tiles(probe, self.slide.read_level, 1)
             halved = self._tiles(probe, lambda lv, o, sz: fast.read_level(lv, o, sz, reduce=2), 2)
-            if self._matches(reference, halved):
+            if mean_abs_diff(reference, halved) <= self.MAX_PROBE_MAD:
                 self.reduce = 2
                 self.backend += ", half-size DCT decode"
-
-    def _matches(self, a: np.ndarray, b: np.ndarray) -> bool:
-        return float(np.abs(a.astype(np.int16) - b).mean()) <= self.MAX_PROBE_MAD
 
     def _tiles(self, indices: np.ndarray, read: Any, reduce: int) -> np.ndarray:
         """Tiles by index, one read each, through ``read(level, origin, size)`` at 1/``reduce``."""

@@ -9,17 +9,20 @@ objects (dust) and near-black scanner background are dropped.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from PIL import Image
 
 from .config import TissueConfig
+from .jpegtiles import JpegTileReader, verified_jpeg_reader
 from .slide import Slide
 from .smoothing import dilate, erode
 
 __all__ = ["Overview", "TissueMask", "read_overview", "detect_tissue", "glass_rgb", "density_lut"]
 
 READ_BUDGET_BYTES = 64 << 20  # decoded level pixels (RGB bytes) per strip read, whatever the level's width
+PROBE_PX = 512  # side of the central square on which a direct JPEG read must match the backend, level px
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,11 @@ class Overview:
     image: np.ndarray
     downsample: float  # level-0 px per overview px
     mpp: float         # µm per overview px
+
+    @cached_property
+    def glass(self) -> np.ndarray:
+        """The glass colour, RGB float32 (3,): :func:`glass_rgb` of the image, computed once."""
+        return glass_rgb(self.image)
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,9 @@ def read_overview(slide: Slide, mpp: float) -> Overview:
     """The slide resampled to ``mpp`` µm/px, read in strips from the nearest finer level.
 
     Each strip is about :data:`READ_BUDGET_BYTES` of level pixels (at least one overview row), so
-    a single-level slide is read in bounded memory too.
+    a single-level slide is read in bounded memory too. Strips are decoded straight from the
+    level's JPEG tiles where a probe region at the level's centre matches the slide's own backend
+    (:func:`~wsi_response.jpegtiles.verified_jpeg_reader`), else read through that backend.
     """
     mpp = max(mpp, slide.mpp)
     downsample = mpp / slide.mpp
@@ -72,15 +82,30 @@ def read_overview(slide: Slide, mpp: float) -> Overview:
     level_w = int(np.ceil(out_w * factor))
     strip_rows = max(1, int(READ_BUDGET_BYTES // (3 * level_w * factor)))  # overview rows per read
     image = np.empty((out_h, out_w, 3), np.uint8)
-    for r0 in range(0, out_h, strip_rows):
-        r1 = min(out_h, r0 + strip_rows)
-        y0 = int(np.floor(r0 * factor))
-        y1 = int(np.ceil(r1 * factor))
-        strip = slide.read_level(level, (0, y0), (level_w, y1 - y0))
-        box = (0.0, r0 * factor - y0, out_w * factor, r1 * factor - y0)
-        image[r0:r1] = np.asarray(
-            Image.fromarray(strip).resize((out_w, r1 - r0), Image.Resampling.BOX, box=box))
+    fast = _centre_verified_reader(slide, level)
+    read = slide.read_level if fast is None else fast.read_level
+    try:
+        for r0 in range(0, out_h, strip_rows):
+            r1 = min(out_h, r0 + strip_rows)
+            y0 = int(np.floor(r0 * factor))
+            y1 = int(np.ceil(r1 * factor))
+            strip = read(level, (0, y0), (level_w, y1 - y0))
+            box = (0.0, r0 * factor - y0, out_w * factor, r1 * factor - y0)
+            image[r0:r1] = np.asarray(
+                Image.fromarray(strip).resize((out_w, r1 - r0), Image.Resampling.BOX, box=box))
+    finally:
+        if fast is not None:
+            fast.close()
     return Overview(image=image, downsample=downsample, mpp=mpp)
+
+
+def _centre_verified_reader(slide: Slide, level: int) -> JpegTileReader | None:
+    """The direct JPEG reader of ``level`` if it reads the level's central (up to)
+    :data:`PROBE_PX` px square as the slide's backend does; else None."""
+    lw, lh = slide.levels[level].dimensions_px
+    w, h = min(PROBE_PX, lw), min(PROBE_PX, lh)
+    origin = ((lw - w) // 2, (lh - h) // 2)
+    return verified_jpeg_reader(slide, level, lambda read: read(level, origin, (w, h)))
 
 
 def detect_tissue(slide: Slide, cfg: TissueConfig = TissueConfig(),
@@ -88,16 +113,17 @@ def detect_tissue(slide: Slide, cfg: TissueConfig = TissueConfig(),
     """Tissue mask of ``slide`` at ``cfg.mask_mpp`` µm/px (pass ``overview`` to reuse a read)."""
     if overview is None:
         overview = read_overview(slide, cfg.mask_mpp)
-    mask = tissue_from_rgb(overview.image, overview.mpp, cfg)
+    mask = tissue_from_rgb(overview.image, overview.mpp, cfg, overview.glass)
     return TissueMask(mask=mask, downsample=overview.downsample, mpp=overview.mpp)
 
 
-def tissue_from_rgb(rgb: np.ndarray, mpp: float, cfg: TissueConfig) -> np.ndarray:
-    """Boolean tissue mask of an RGB uint8 overview at ``mpp`` µm/px."""
+def tissue_from_rgb(rgb: np.ndarray, mpp: float, cfg: TissueConfig, glass: np.ndarray | None = None) -> np.ndarray:
+    """Boolean tissue mask of an RGB uint8 overview at ``mpp`` µm/px (``glass``: its
+    :func:`glass_rgb`, when known)."""
     from skimage import morphology
 
     # OD above glass over the threshold in any channel, by table: memory is a few bool planes
-    dense = density_lut(glass_rgb(rgb)) > cfg.min_optical_density
+    dense = density_lut(glass_rgb(rgb) if glass is None else glass) > cfg.min_optical_density
     stained = dense[0].take(rgb[..., 0])
     for c in (1, 2):
         stained |= dense[c].take(rgb[..., c])
