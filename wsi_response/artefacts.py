@@ -30,9 +30,9 @@ import numpy as np
 from .config import QcConfig
 from .focus import FocusJob, blur_layer
 from .slide import Slide
-from .smoothing import dilate, erode, normalized_gauss
+from .smoothing import MaskedGauss, dilate, erode, normalized_gauss
 from .tiling import TileGrid, cell_means
-from .tissue import Overview, TissueMask, density_lut, glass_rgb, read_overview
+from .tissue import Overview, TissueMask, density_lut, read_overview
 
 __all__ = ["KINDS", "ArtefactMask", "detect_artefacts",
            "cell_intensity_flags"]
@@ -109,7 +109,7 @@ def _overview_layers(overview: Overview, tissue: np.ndarray, px_um: float, cfg: 
     """The ``pen``, ``bubble`` and ``fold`` layers, from the overview alone, and the tissue left
     for the colour and focus tests (neither ink nor bubble)."""
     rgb = overview.image
-    lut = density_lut(glass_rgb(rgb))
+    lut = density_lut(overview.glass)
     excess, od = _density(rgb, lut, cfg)
     pen = _ink(excess, od, px_um, cfg) & tissue
     del excess
@@ -225,6 +225,8 @@ def _grow(candidates: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     """Connected components of ``candidates | seeds`` that hold a seed."""
     from scipy import ndimage
 
+    if not seeds.any():
+        return np.zeros_like(seeds)
     labels, n = ndimage.label(candidates | seeds)
     keep = np.zeros(n + 1, bool)
     keep[labels[seeds]] = True
@@ -240,8 +242,8 @@ def _fold(total: np.ndarray, rgb: np.ndarray, lut: np.ndarray, measured: np.ndar
     ``total``: the OD summed over the channels; the channels' own OD (from ``rgb`` and ``lut``)
     is smoothed only when some px are dense, and read only there.
     """
-    sigmas = (_FOLD_LOCAL_UM / px_um, cfg.fold_context_um / px_um)
-    local, context = (normalized_gauss(total, measured, s) for s in sigmas)  # Gaussians are linear
+    means = [MaskedGauss(measured, s) for s in (_FOLD_LOCAL_UM / px_um, cfg.fold_context_um / px_um)]
+    local, context = (mean(total) for mean in means)  # Gaussians are linear
     dense = measured & (local >= cfg.fold_min_od_ratio * context)
     at = np.nonzero(dense)
     if not at[0].size:
@@ -251,7 +253,7 @@ def _fold(total: np.ndarray, rgb: np.ndarray, lut: np.ndarray, measured: np.ndar
     parts = []  # per channel: its local and context OD at the dense px
     for c in (0, 1):  # the third channel's is the sum less these two
         plane = lut[c].take(rgb[..., c])
-        parts.append([normalized_gauss(plane, measured, s)[at] for s in sigmas])
+        parts.append([mean(plane, at) for mean in means])
         del plane
     parts.append([s - p0 - p1 for s, p0, p1 in zip(sums, *parts)])
     norm = [np.maximum(s, 1e-3) for s in sums]

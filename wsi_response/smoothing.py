@@ -4,38 +4,62 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["normalized_gauss", "block_mean", "dilate", "erode"]
+__all__ = ["normalized_gauss", "MaskedGauss", "block_mean", "dilate", "erode"]
 
 _BLOCK_SIGMA = 2.0  # Gaussians of sigma >= this x 2 px run on blocks of sigma / this px
 
 
-def normalized_gauss(values: np.ndarray, weight: np.ndarray, sigma_px: float) -> np.ndarray:
-    """Gaussian mean of ``values`` over px where ``weight`` is true (0 where none are near).
+def normalized_gauss(values: np.ndarray, weight: np.ndarray, sigma_px: float,
+                     at: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Gaussian mean of ``values`` over px where ``weight`` is true (0 where none are near):
+    :class:`MaskedGauss` for one plane."""
+    return MaskedGauss(weight, sigma_px)(values, at)
+
+
+class MaskedGauss:
+    """Gaussian means of sigma ``sigma_px`` over the px where ``weight`` is true, for any number of
+    planes on ``weight``'s grid: the normaliser (the Gaussian of ``weight``) is computed once.
 
     Kernels of ``sigma_px`` >= 4 px run on ``q`` x ``q`` block means (``q`` = sigma / 2 px) with
     a Gaussian of about 2 blocks, narrowed so that block averaging and the bilinear interpolation
     back to px (together a variance of q² / 4 px²) keep the total width at ``sigma_px``.
-    Returns float32 ``[y, x]``; memory: about two float32 planes of ``values``.
+    Memory: about two float32 planes of ``weight``'s size per call.
     """
-    from scipy import ndimage
 
-    h, w = weight.shape
-    q = max(1, int(sigma_px // _BLOCK_SIGMA))
-    ph, pw = -(-h // q) * q, -(-w // q) * q
-    num = np.zeros((ph, pw), np.float32)
-    np.multiply(values, weight, out=num[:h, :w])
-    den = np.zeros((ph, pw), np.float32)
-    den[:h, :w] = weight
-    sigma = sigma_px
-    if q > 1:
-        num, den = block_mean(num, q), block_mean(den, q)
-        sigma = np.sqrt(sigma_px ** 2 - q * q / 4.0) / q
-    ndimage.gaussian_filter(num, sigma, mode="constant", output=num)
-    ndimage.gaussian_filter(den, sigma, mode="constant", output=den)
-    valid = den > 1e-3
-    np.divide(num, np.maximum(den, 1e-3, out=den), out=num)
-    num[~valid] = 0.0
-    return num if q == 1 else _upsample(num, q)[:h, :w]
+    def __init__(self, weight: np.ndarray, sigma_px: float) -> None:
+        self.weight = weight
+        self.q = max(1, int(sigma_px // _BLOCK_SIGMA))
+        self.sigma = sigma_px if self.q == 1 else np.sqrt(sigma_px ** 2 - self.q * self.q / 4.0) / self.q
+        self.den = self._filtered(weight)
+        self.valid = self.den > 1e-3
+        np.maximum(self.den, 1e-3, out=self.den)
+
+    def __call__(self, values: np.ndarray, at: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """The means of ``values``: float32 ``[y, x]``, or with ``at`` (row and column indices) only
+        those at these px, float32 (n,), interpolated there alone."""
+        h, w = self.weight.shape
+        num = self._filtered(values, self.weight)
+        num /= self.den
+        num[~self.valid] = 0.0
+        if at is not None:
+            return num[at] if self.q == 1 else _sample(num, self.q, at)
+        return num if self.q == 1 else _upsample(num, self.q)[:h, :w]
+
+    def _filtered(self, values: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
+        """The Gaussian of ``values`` (times ``weight``), zero outside, on the block grid, float32."""
+        from scipy import ndimage
+
+        h, w = values.shape
+        q = self.q
+        plane = np.zeros((-(-h // q) * q, -(-w // q) * q), np.float32)
+        if weight is None:
+            plane[:h, :w] = values
+        else:
+            np.multiply(values, weight, out=plane[:h, :w])
+        if q > 1:
+            plane = block_mean(plane, q)
+        ndimage.gaussian_filter(plane, self.sigma, mode="constant", output=plane)
+        return plane
 
 
 def block_mean(a: np.ndarray, q: int) -> np.ndarray:
@@ -68,6 +92,21 @@ def _upsample(a: np.ndarray, q: int) -> np.ndarray:
             out[(slice(None),) * axis + (slice(k, None, q),)] = near * (1 - f) + far * f
         a = out
     return a
+
+
+def _sample(a: np.ndarray, q: int, at: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """``_upsample(a, q)[at]`` without the fine grid: bilinear weights of the px ``at`` alone."""
+    corners = []
+    for axis, index in enumerate(at):
+        pos = (np.asarray(index, np.float64) + 0.5) / q - 0.5
+        lo = np.floor(pos)
+        n = a.shape[axis]
+        corners.append((np.clip(lo, 0, n - 1).astype(np.intp), np.clip(lo + 1, 0, n - 1).astype(np.intp),
+                        (pos - lo).astype(np.float32)))
+    (y0, y1, fy), (x0, x1, fx) = corners
+    top = a[y0, x0] * (1 - fx) + a[y0, x1] * fx
+    bottom = a[y1, x0] * (1 - fx) + a[y1, x1] * fx
+    return top * (1 - fy) + bottom * fy
 
 
 def dilate(mask: np.ndarray, disk: np.ndarray) -> np.ndarray:
