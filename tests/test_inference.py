@@ -72,7 +72,7 @@ def test_killed_run_resumes_without_recomputing(setup, tmp_path, monkeypatch):
             if done >= 8:
                 os.kill(os.getpid(), signal.SIGKILL)
         predict(slide, grid, load_classifier(default_model_path()), batch_size=1, num_workers=0,
-                device="cpu", store={str(store)!r}, progress=progress)
+                device="cpu", store={str(store)!r}, store_every_s=0.0, progress=progress)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()[-500:]
@@ -97,3 +97,31 @@ def test_killed_run_resumes_without_recomputing(setup, tmp_path, monkeypatch):
     read.clear()  # complete and matching: nothing is read
     predict(slide, grid, clf, num_workers=0, device="cpu", store=store)
     assert read == []
+
+
+def test_a_failed_read_keeps_the_finished_chunks(setup, tmp_path, monkeypatch):
+    """Chunks are stored together about once a second; a read that fails stores what had finished."""
+    from wsi_response.errors import SlideReadError
+
+    truth, slide, grid, clf = setup
+    store = tmp_path / "tiles.zarr"
+    failing = grid.n_chunks - 3
+    original = TileReader.read_chunk
+
+    def read_chunk(self, k):
+        if k == failing:
+            raise SlideReadError(slide.path, "corrupt image data (test)")
+        return original(self, k)
+
+    monkeypatch.setattr(TileReader, "read_chunk", read_chunk)
+    with pytest.raises(SlideReadError, match="corrupt image data"):
+        predict(slide, grid, clf, batch_size=1, num_workers=0, device="cpu", store=store)
+    import zarr
+    partial = zarr.open_group(str(tmp_path / "tiles.zarr.partial"), mode="r")
+    done = np.asarray(partial["chunk_done"][:]).astype(bool)
+    # every chunk before the failing one had finished (the last batch in flight is lost with the error)
+    assert done[:failing - 1].all() and not done[failing:].any()
+    monkeypatch.setattr(TileReader, "read_chunk", original)
+    full = predict(slide, grid, clf, num_workers=0, device="cpu")
+    rows = np.repeat(done, np.diff(grid.chunk_starts))
+    np.testing.assert_allclose(np.asarray(partial["probs"][:])[rows], full.probs[rows], atol=1e-5)

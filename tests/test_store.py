@@ -26,15 +26,20 @@ def test_fill_resume_finalize_and_stale(tmp_path):
     grid, path = _Grid(), tmp_path / "tiles.zarr"
     store = open_tile_store(path, META, grid)
     assert not store.complete and not store.done.any()
-    p0 = np.full((5, 4), 0.25, np.float32)
-    store.write_chunk(0, p0)
+    probs = np.full((15, 4), np.nan, np.float32)
+    probs[:5] = 0.25
+    store.write_chunks([0], probs)
     assert (tmp_path / "tiles.zarr.partial").is_dir() and not path.exists()
 
     resumed = open_tile_store(path, META, grid)  # same metadata: resumes
     assert resumed.done.tolist() == [True, False, False]
-    np.testing.assert_array_equal(resumed.chunk_probs(0), p0)
-    for k in (1, 2):
-        resumed.write_chunk(k, np.full((5, 4), k, np.float32))
+    np.testing.assert_array_equal(resumed.chunk_probs(0), probs[:5])
+    probs[10:] = 2.0
+    resumed.write_chunks([0, 2], probs)  # one write spans chunk 1, still not done
+    assert resumed.done.tolist() == [True, False, True]
+    assert np.isnan(resumed.chunk_probs(1)).all()
+    probs[5:10] = 1.0
+    resumed.write_chunks([1], probs)
     assert resumed.finalize() == path and path.is_dir() and not (tmp_path / "tiles.zarr.partial").exists()
     stored = read_tile_store(path)
     preds, attrs = stored.predictions, stored.metadata

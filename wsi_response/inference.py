@@ -25,7 +25,10 @@ optionally ``torch.compile`` (CUDA), under ``torch.inference_mode``; each batch'
 float32 probabilities are copied to pinned host memory asynchronously and read one batch later,
 so the GPU is never idle while the host fetches the next batch. Memory stays flat as slides
 grow. With a ``store`` path, finished chunks are written to the resumable zarr tile store
-(:mod:`wsi_response.store`) and skipped on a rerun.
+(:mod:`wsi_response.store`) and skipped on a rerun: the first at once, then together every
+``STORE_EVERY_S`` seconds, at the end and when reading or the model fails (a write per chunk,
+about 10 ms, would cap a GPU run at a few thousand tiles/s), so a killed run loses at most about
+a second of work.
 
 Several GPUs: one process per GPU, each pinned through ``CUDA_VISIBLE_DEVICES``, is
 :mod:`wsi_response.batch` (``--gpus all``); ``device="cuda:N"`` picks a GPU in one process.
@@ -56,6 +59,7 @@ __all__ = ["AUTOCAST_DTYPES", "DECODE_CHOICES", "predict", "resolve_device", "au
 Progress = Callable[[int, int], None]  # (tiles done, tiles total)
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 DECODE_CHOICES = ("workers", "device")
+STORE_EVERY_S = 1.0  # finished chunks go to the tile store together about this often (and at the end), s
 # (chunk k, tile indices (n,), payload): uint8 tiles (n, h, w, 3), or the chunk's compressed JPEG
 # tiles as (concatenated streams uint8 (bytes,), stream lengths (m,), tile positions (m, 2))
 ChunkItem = tuple[int, np.ndarray, "torch.Tensor | tuple[torch.Tensor, np.ndarray, np.ndarray]"]
@@ -399,13 +403,15 @@ def _then_end(items: Iterable) -> Iterator:
 
 def predict(slide: Slide, grid: TileGrid, classifier: Classifier, *, batch_size: int = 64, num_workers: int = 2,
             device: str = "auto", autocast: str = "bf16", compile: bool = False, decode: str = "workers",
-            store: str | os.PathLike | None = None, progress: Progress | None = None,
-            timings: dict[str, float] | None = None) -> TilePredictions:
+            store: str | os.PathLike | None = None, store_every_s: float = STORE_EVERY_S,
+            progress: Progress | None = None, timings: dict[str, float] | None = None) -> TilePredictions:
     """Class probabilities of every tile of ``grid`` (rows in grid order).
 
     ``autocast`` (bf16 | fp16 | fp32) and ``compile`` apply on CUDA; ``decode`` (workers | device)
     says where JPEG tiles are decoded (module docstring). ``store``: path of the slide's
-    ``tiles.zarr``; chunks already in it (same model, slide and grid) are not recomputed.
+    ``tiles.zarr``; chunks already in it (same model, slide and grid) are not recomputed; finished
+    chunks are written to it the first at once, then together every ``store_every_s`` seconds, at
+    the end, and when reading or the model fails.
     ``progress(done, total)`` is called after each finished chunk. ``timings`` gets ``model_s``,
     the seconds spent in the model (:attr:`ModelRunner.busy_s`; 0 when every chunk was stored).
     """
@@ -437,18 +443,31 @@ def predict(slide: Slide, grid: TileGrid, classifier: Classifier, *, batch_size:
         reader = TileReader(slide, grid)
         remaining = {k: int(chunk_sizes[k]) for k in todo}
 
+        unsaved: list[int] = []  # finished chunks not yet in the store
+        last_save = -np.inf  # the first finished chunk is stored at once
+
+        def save() -> None:
+            nonlocal last_save
+            if tile_store is not None:
+                tile_store.write_chunks(unsaved, probs)
+            unsaved.clear()
+            last_save = time.monotonic()
+
         def finish(chunk_ids: np.ndarray, indices: np.ndarray, result: Callable[[], np.ndarray]) -> None:
             nonlocal n_done
             probs[indices] = result()
+            finished = []
             for k, n in zip(*np.unique(chunk_ids, return_counts=True)):
                 remaining[int(k)] -= int(n)
                 if remaining[int(k)] == 0:
-                    if tile_store is not None:
-                        s, e = grid.chunk_starts[k], grid.chunk_starts[k + 1]
-                        tile_store.write_chunk(int(k), probs[s:e])
-                    n_done += int(chunk_sizes[k])
-                    if progress is not None:
-                        progress(n_done, total)
+                    finished.append(int(k))
+            unsaved.extend(finished)
+            if unsaved and time.monotonic() - last_save >= store_every_s:
+                save()
+            for k in finished:
+                n_done += int(chunk_sizes[k])
+                if progress is not None:
+                    progress(n_done, total)
 
         try:
             with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
@@ -464,6 +483,7 @@ def predict(slide: Slide, grid: TileGrid, classifier: Classifier, *, batch_size:
                 if pending is not None:
                     finish(*pending)
         finally:
+            save()  # what finished is kept, also when reading or the model failed
             reader.close()
             if timings is not None:
                 timings["model_s"] = runner.busy_s

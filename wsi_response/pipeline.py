@@ -45,6 +45,7 @@ __all__ = ["SCHEMA_VERSION", "unique_slide_ids", "process_slide", "record_failur
 
 SCHEMA_VERSION = 1
 THUMBNAIL_MAX_PX = 1024
+REFRESH_S = 0.1  # seconds between redraws of the tile progress bar
 
 Progress = Callable[[str, int, int], None]  # (slide_id, tiles done, tiles total)
 
@@ -383,6 +384,7 @@ class _stderr_progress:
         self._tqdm = tqdm
         self.slides = tqdm(total=n_slides, desc="slides", unit="slide", file=sys.stderr, position=0)
         self.bar: Any = None
+        self.shown = -np.inf  # time.monotonic() of the last refresh
 
     def start_slide(self, index: int, slide_id: str) -> None:
         if self.bar is not None:
@@ -393,7 +395,10 @@ class _stderr_progress:
     def tiles(self, slide_id: str, done: int, total: int) -> None:
         self.bar.total = total
         self.bar.n = done
-        self.bar.refresh()
+        now = time.monotonic()
+        if done == total or now - self.shown >= REFRESH_S:  # a GPU finishes hundreds of chunks a second
+            self.bar.refresh()
+            self.shown = now
 
     def done(self) -> None:
         if self.bar is not None:

@@ -16,7 +16,7 @@ Store layout (zarr v3 folder ``tiles.zarr``)::
 Crash safety, the choice made: work happens in ``<path>.partial``; the finished store is renamed
 to ``<path>`` only when every chunk is done, so a store at its final name is always complete.
 Inside the partial store a chunk's probabilities are written first and its ``chunk_done`` flag
-second; zarr's local store writes each chunk file to a temporary name and renames it, so a
+second (finished chunks are written together, about once a second: :func:`~wsi_response.inference.predict`); zarr's local store writes each chunk file to a temporary name and renames it, so a
 killed run leaves every flagged chunk intact. On restart, a store (final or partial) whose
 metadata differs from the current run's is deleted and recomputed, never reused.
 """
@@ -27,7 +27,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -109,12 +109,20 @@ class TileStore:
         """(N, C) float32 of every tile (rows of chunks not done are NaN)."""
         return np.asarray(self._group["probs"][:])
 
-    def write_chunk(self, k: int, probs: np.ndarray) -> None:
-        """Store chunk ``k``'s probabilities, then flag it done (in that order)."""
-        starts = self._group["chunk_starts"]
-        start, stop = int(starts[k]), int(starts[k + 1])
-        self._group["probs"][start:stop] = probs.astype(np.float32, copy=False)
-        self._group["chunk_done"][k] = 1
+    def write_chunks(self, chunks: Sequence[int], probs: np.ndarray) -> None:
+        """Store the probabilities of the finished ``chunks`` from ``probs`` ``(N, C)`` (every tile
+        of the grid, in grid order), then flag them done (in that order). One write of the rows
+        from the first to the last of them: rows of other chunks in between are written as
+        ``probs`` holds them (NaN, or what this store already held for them)."""
+        if not len(chunks):
+            return
+        starts = np.asarray(self._group["chunk_starts"][:])
+        ks = np.asarray(chunks, np.int64)
+        start, stop = int(starts[ks.min()]), int(starts[ks.max() + 1])
+        self._group["probs"][start:stop] = probs[start:stop].astype(np.float32, copy=False)
+        done = self.done.astype(np.uint8)
+        done[ks] = 1
+        self._group["chunk_done"][:] = done
 
     def finalize(self) -> Path:
         """Rename the partial store to its final name once every chunk is done; return that path."""
