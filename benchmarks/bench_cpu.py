@@ -6,8 +6,8 @@ For each size (a synthetic 0.25 µm/px SVS with a ×4 pyramid, generated once an
 ``--work``) and each model (``demo``: the bundled lcnet_050; a timm name: random weights, saved
 and loaded through the real checkpoint path; or a model file) a fresh process times: the
 overview and tissue mask, artefact QC (ink, folds, bubbles, the focus measure), the tile grid, a
-bare OpenSlide ``read_region`` of the grid's tiles (the baseline), our tile reader, the CNN alone
-on in-memory tiles; then a second fresh process runs the real ``process_slide`` on a small
+bare OpenSlide ``read_region`` of the grid's tiles (the baseline), our tile reader, a tile-store
+write of one chunk and of all chunks at once, the CNN alone on in-memory tiles; then a second fresh process runs the real ``process_slide`` on a small
 warm-up slide (imports and first calls, as a batch worker pays them once) and then, timed, end to
 end (QC + read + CNN + zarr store + areas + regions + GeoJSON + PNGs). It prints tiles/s per
 stage, the reader's ratio to bare OpenSlide, the share of the end-to-end run spent outside the
@@ -72,6 +72,8 @@ def one_size(size: tuple[int, int], work: Path, model: str, workers: int) -> dic
     read = sum(len(i) for i, _ in reader.iter_chunks())
     out["reader_tiles_per_s"] = read / (time.perf_counter() - t)
 
+    out.update(store_write_costs(slide, grid, Path(tempfile.mkdtemp(dir=work))))
+
     classifier = _classifier(model, cfg)
     batch = torch.from_numpy(np.concatenate([t for _, t in reader.iter_chunks(range(min(3, grid.n_chunks)))])[:64])
     net = classifier.model.eval()
@@ -93,6 +95,30 @@ def one_size(size: tuple[int, int], work: Path, model: str, workers: int) -> dic
     out["model_arg"] = model
     out["model"] = f"{classifier.arch} ({'bundled demo' if model == 'demo' else model if Path(model).is_file() else 'random weights'})"
     return out
+
+
+def store_write_costs(slide: object, grid: object, folder: Path) -> dict:
+    """Seconds per ``TileStore.write_chunks`` call writing one chunk, and writing every chunk at
+    once, on ``grid``'s store: why ``predict`` stores finished chunks together (a GPU node finishes
+    hundreds of chunks a second)."""
+    import shutil
+
+    from wsi_response.store import open_tile_store, store_metadata
+
+    try:
+        store = open_tile_store(folder / "tiles.zarr", store_metadata(slide, grid, "bench", ("a", "b", "c", "d")), grid)
+        probs = np.random.default_rng(0).random((len(grid), 4)).astype(np.float32)
+        n = min(grid.n_chunks, 50)
+        t = time.perf_counter()
+        for k in range(n):
+            store.write_chunks([k], probs)
+        one = (time.perf_counter() - t) / n
+        t = time.perf_counter()
+        store.write_chunks(range(grid.n_chunks), probs)
+        return {"store_write_one_s": one, "store_write_all_s": time.perf_counter() - t,
+                "tiles_per_chunk": len(grid) / grid.n_chunks}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _classifier(model: str, cfg: object) -> object:
@@ -174,6 +200,9 @@ def _print_row(r: dict) -> None:
     print(f"  OpenSlide read     {r['openslide_tiles_per_s']:8.0f} tiles/s (baseline, one process)")
     print(f"  tile reader        {r['reader_tiles_per_s']:8.0f} tiles/s = {r['reader_tiles_per_s'] / r['openslide_tiles_per_s']:.2f}x "
           f"OpenSlide ({r['reader_backend']})")
+    print(f"  tile store         {1000 * r['store_write_one_s']:8.1f} ms to write one chunk "
+          f"({r['tiles_per_chunk']:.0f} tiles: alone, at most {r['tiles_per_chunk'] / r['store_write_one_s']:.0f} tiles/s), "
+          f"{1000 * r['store_write_all_s']:.1f} ms all {r['tiles']} tiles at once")
     print(f"  CNN alone          {r['cnn_tiles_per_s']:8.0f} tiles/s (float32, {r['tiles'] / r['cnn_tiles_per_s']:.1f} s for the slide)")
     print(f"  end to end         {r['end_to_end_tiles_per_s']:8.0f} tiles/s ({r['end_to_end_s']:.1f} s; stages {r['stage_timing']})")
     print(f"  outside the CNN    {100 * r['non_cnn_share']:8.1f} % of the run ({r['non_cnn_s']:.1f} s; "
