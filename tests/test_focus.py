@@ -78,3 +78,33 @@ def test_a_worker_error_reaches_the_caller(blurred_slide, tmp_path):
         with pytest.raises(SlideReadError) as err:
             FocusJob(slide, mask, 1.0, workers=2).result()
     assert str(err.value).startswith(f"{corrupt}: {problem}"), str(err.value)
+
+
+def test_a_job_started_on_part_of_the_tissue_covers_all_of_it(blurred_slide):
+    """The pipeline starts the focus job on the tissue's possible extent before the mask is
+    finished; asked for the final mask, a job reads the cells it lacks: its planes on that tissue,
+    and the artefact layers, equal those of a job started on the final mask."""
+    from wsi_response.artefacts import KINDS, detect_artefacts
+    from wsi_response.config import QcConfig, TissueConfig
+    from wsi_response.tissue import TissueMask, possible_tissue, read_overview, stained_px
+
+    tissue_cfg, qc = TissueConfig(), QcConfig()
+    with open_slide(blurred_slide.slide_path) as slide:
+        overview = read_overview(slide, tissue_cfg.mask_mpp)
+        mask = detect_tissue(slide, tissue_cfg, overview)
+        whole = FocusJob(slide, mask, qc.focus_mpp).result()
+        left = mask.mask.copy()
+        left[:, left.shape[1] // 2:] = False
+        part = FocusJob(slide, TissueMask(left, mask.downsample, mask.mpp), qc.focus_mpp, workers=2)
+        assert 0 < len(part.grid) < len(FocusJob(slide, mask, qc.focus_mpp).grid)
+        covered = part.result(mask)
+        for a, b in zip(whole, covered):
+            np.testing.assert_array_equal(a[mask.mask], b[mask.mask])
+
+        possible = possible_tissue(stained_px(overview.image, tissue_cfg, overview.glass), overview.mpp, tissue_cfg)
+        early = FocusJob(slide, TissueMask(possible, mask.downsample, mask.mpp), qc.focus_mpp, workers=2)
+        found = detect_artefacts(slide, mask, qc, overview, focus=early)
+        at_once = detect_artefacts(slide, mask, qc, overview, workers=0)
+    assert found.layers["blur"].any()
+    for kind in KINDS:
+        np.testing.assert_array_equal(found.layers[kind], at_once.layers[kind])

@@ -100,7 +100,7 @@ def test_killed_run_resumes_without_recomputing(setup, tmp_path, monkeypatch):
 
 
 def test_a_failed_read_keeps_the_finished_chunks(setup, tmp_path, monkeypatch):
-    """Chunks are stored together about once a second; a read that fails stores what had finished."""
+    """Chunks are stored together every few seconds; a read that fails stores what had finished."""
     from wsi_response.errors import SlideReadError
 
     truth, slide, grid, clf = setup

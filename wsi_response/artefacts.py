@@ -23,6 +23,7 @@ the denominator of every area and percentage, and the overlay's class polygons e
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,7 @@ KINDS: tuple[str, ...] = ("pen", "blur", "fold", "bubble")
 _FOLD_LOCAL_UM = 16.0  # Gaussian sigma smoothing tissue OD before the fold test, µm
 _EDGE_UM = 4.0  # px this close to ink or a bubble are not tested for blur, µm
 _STRIP_ROWS = 128  # overview rows per pass of the per-px colour tests (bounds their temporaries)
+_THREADS = 2  # threads of the detectors' independent steps (numpy and scipy's filters release the GIL)
 
 
 @dataclass(frozen=True)
@@ -81,25 +83,31 @@ class ArtefactMask:
 
 
 def detect_artefacts(slide: Slide, mask: TissueMask, cfg: QcConfig = QcConfig(),
-                     overview: Overview | None = None, workers: int = 0) -> ArtefactMask:
+                     overview: Overview | None = None, workers: int = 0,
+                     focus: FocusJob | None = None) -> ArtefactMask:
     """Artefact layers of ``slide`` on ``mask``'s grid (pass ``overview`` read at ``mask.mpp``
     to reuse it). Reads the overview and the tissue's cells at ``cfg.focus_mpp`` µm/px (in
-    ``workers`` processes when > 1; :mod:`wsi_response.focus`)."""
+    ``workers`` processes when > 1; :mod:`wsi_response.focus`), or takes the energies of
+    ``focus``, a :class:`FocusJob` at ``cfg.focus_mpp`` started earlier on the same grid (it is
+    closed here)."""
     if overview is None:
         overview = read_overview(slide, mask.mpp)
     tissue = mask.mask
     if overview.image.shape[:2] != tissue.shape:
         raise ValueError(f"overview {overview.image.shape[:2]} and mask {tissue.shape} differ in shape")
-    focus = FocusJob(slide, mask, cfg.focus_mpp, workers)  # in worker processes while the rest runs here
+    if focus is None:
+        focus = FocusJob(slide, mask, cfg.focus_mpp, workers)  # in worker processes while the rest runs here
     try:
         layers, measured = _overview_layers(overview, tissue, mask.mpp, cfg)
         near = _dilate(layers["pen"] | layers["bubble"], _EDGE_UM / mask.mpp)  # their edges look smooth
-        layers["blur"] = blur_layer(focus.result(), mask, measured, cfg) & ~near
+        layers["blur"] = blur_layer(focus.result(mask), mask, measured, cfg) & ~near
     finally:
         focus.close()
     min_px = int(cfg.min_artefact_mm2 / (mask.mpp / 1000.0) ** 2)
     if min_px > 1:  # ink is found by colour alone and kept however small
-        layers = {k: v if k == "pen" else _drop_small(v, min_px) for k, v in layers.items()}
+        kinds = [k for k in layers if k != "pen"]
+        with ThreadPoolExecutor(len(kinds)) as threads:  # labelling mostly runs without the GIL
+            layers.update(zip(kinds, threads.map(lambda k: _drop_small(layers[k], min_px), kinds)))
     return ArtefactMask(layers={k: layers[k] for k in KINDS}, downsample=mask.downsample, mpp=mask.mpp,
                         tissue_area_mm2=mask.area_mm2)
 
@@ -151,12 +159,14 @@ def _density(rgb: np.ndarray, lut: np.ndarray, cfg: QcConfig) -> tuple[np.ndarra
     """Ink colour excess (max(red, blue) OD minus green OD, float32 ``[y, x]``) and the other
     per-px OD tests of ``rgb`` (uint8 ``[y, x, 3]``; ``lut`` from :func:`density_lut`).
 
-    Computed in strips of :data:`_STRIP_ROWS` rows: the channel planes never exist at full size.
+    Computed in strips of :data:`_STRIP_ROWS` rows, in threads: the channel planes never exist at
+    full size.
     """
     h, w = rgb.shape[:2]
     excess, total = np.empty((h, w), np.float32), np.empty((h, w), np.float32)
     black_seed, black_grow, dark = (np.empty((h, w), bool) for _ in range(3))
-    for r0 in range(0, h, _STRIP_ROWS):
+
+    def strip(r0: int) -> None:
         rows = slice(r0, r0 + _STRIP_ROWS)
         r, g, b = (lut[c].take(rgb[rows, :, c]) for c in range(3))
         hi, lo = np.maximum(r, b), np.minimum(r, b)
@@ -170,6 +180,9 @@ def _density(rgb: np.ndarray, lut: np.ndarray, cfg: QcConfig) -> tuple[np.ndarra
         black_seed[rows] = (spread <= cfg.black_max_spread * mean) & (lo >= cfg.black_min_od)
         black_grow[rows] = lo - 0.5 * spread >= cfg.black_grow_od
         dark[rows] = (lo >= cfg.rim_min_od) & (spread / mean <= cfg.rim_max_spread)
+
+    with ThreadPoolExecutor(_THREADS) as threads:  # numpy runs without the GIL: strips on every core
+        list(threads.map(strip, range(0, h, _STRIP_ROWS)))
     return excess, _Density(total=total, black_seed=black_seed, black_grow=black_grow, dark=dark)
 
 
@@ -214,11 +227,13 @@ def _drop_small(mask: np.ndarray, max_px: int) -> np.ndarray:
 def _ink(excess: np.ndarray, od: _Density, px_um: float, cfg: QcConfig) -> np.ndarray:
     """Marker ink px: colour out of the H&E gamut (``excess`` > 0), or black; grown from clear seeds."""
     # under ink, the tissue's own (negative) excess remains: measure against the surroundings
-    plain = excess < 0.0  # H&E and glass; ink over tissue has a positive excess
-    local = np.minimum(normalized_gauss(excess, plain, cfg.ink_context_um / px_um), 0.0)
-    np.subtract(excess, local, out=local)
-    colour = _grow(local >= cfg.ink_grow_excess_od, excess >= cfg.ink_min_excess_od)
-    return colour | _grow(od.black_grow, od.black_seed)
+    with ThreadPoolExecutor(1) as thread:
+        black = thread.submit(_grow, od.black_grow, od.black_seed)
+        plain = excess < 0.0  # H&E and glass; ink over tissue has a positive excess
+        local = np.minimum(normalized_gauss(excess, plain, cfg.ink_context_um / px_um), 0.0)
+        np.subtract(excess, local, out=local)
+        colour = _grow(local >= cfg.ink_grow_excess_od, excess >= cfg.ink_min_excess_od)
+        return colour | black.result()
 
 
 def _grow(candidates: np.ndarray, seeds: np.ndarray) -> np.ndarray:
@@ -242,19 +257,20 @@ def _fold(total: np.ndarray, rgb: np.ndarray, lut: np.ndarray, measured: np.ndar
     ``total``: the OD summed over the channels; the channels' own OD (from ``rgb`` and ``lut``)
     is smoothed only when some px are dense, and read only there.
     """
-    means = [MaskedGauss(measured, s) for s in (_FOLD_LOCAL_UM / px_um, cfg.fold_context_um / px_um)]
-    local, context = (mean(total) for mean in means)  # Gaussians are linear
-    dense = measured & (local >= cfg.fold_min_od_ratio * context)
-    at = np.nonzero(dense)
-    if not at[0].size:
-        return dense
-    sums = (local[at], context[at])
-    del local, context
-    parts = []  # per channel: its local and context OD at the dense px
-    for c in (0, 1):  # the third channel's is the sum less these two
-        plane = lut[c].take(rgb[..., c])
-        parts.append([mean(plane, at) for mean in means])
-        del plane
+    with ThreadPoolExecutor(_THREADS) as threads:
+        means = list(threads.map(lambda s: MaskedGauss(measured, s), (_FOLD_LOCAL_UM / px_um,
+                                                                        cfg.fold_context_um / px_um)))
+        local, context = threads.map(lambda mean: mean(total), means)  # Gaussians are linear
+        dense = measured & (local >= cfg.fold_min_od_ratio * context)
+        at = np.nonzero(dense)
+        if not at[0].size:
+            return dense
+        sums = (local[at], context[at])
+        del local, context
+        # per channel: its local and context OD at the dense px; the third channel's is the sum less these two
+        planes = [lut[c].take(rgb[..., c]) for c in (0, 1)]
+        parts = [list(threads.map(lambda mean: mean(plane, at), means)) for plane in planes]
+        del planes
     parts.append([s - p0 - p1 for s, p0, p1 in zip(sums, *parts)])
     norm = [np.maximum(s, 1e-3) for s in sums]
     shift = sum(np.abs(lc / norm[0] - cc / norm[1]) for lc, cc in parts)  # L1 of the chromaticities

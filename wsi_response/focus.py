@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
 
 import numpy as np
@@ -20,7 +21,7 @@ import numpy as np
 from .config import QcConfig, TilingConfig
 from .slide import Slide
 from .smoothing import block_mean
-from .tiling import TileReader, tile_grid
+from .tiling import TileGrid, TileReader, tile_grid
 from .tissue import TissueMask
 
 __all__ = ["FocusJob", "blur_layer", "detail_energies"]
@@ -41,9 +42,13 @@ def blur_layer(energies: tuple[np.ndarray, np.ndarray], mask: TissueMask, measur
     fine, band = energies
     # the ratio of the two Gaussian means over measured px: their common normaliser cancels
     sigma = cfg.focus_smooth_um / mask.mpp
-    for energy in (fine, band):
+
+    def pool(energy: np.ndarray) -> None:
         energy *= measured
         ndimage.gaussian_filter(energy, sigma, mode="constant", truncate=3.0, output=energy)
+
+    with ThreadPoolExecutor(2) as threads:  # scipy's filters release the GIL: a plane per core
+        list(threads.map(pool, energies))
     sharp = fine
     sharp /= np.maximum(band, 1e-6)
     reference = float(np.percentile(sharp[measured], cfg.focus_reference_percentile))
@@ -52,7 +57,7 @@ def blur_layer(energies: tuple[np.ndarray, np.ndarray], mask: TissueMask, measur
 
 class FocusJob:
     """Fine and coarse detail energy per mask px of ``mask``'s tissue, float32 ``[y, x]`` on its
-    grid (0 off tissue), grey levels² (grey = R + G + B): :meth:`result`.
+    grid (0 outside the cells read), grey levels² (grey = R + G + B): :meth:`result`.
 
     With ``workers`` > 1 the cells are read and filtered in that many processes from the moment
     the job is made, and a thread of this process files each finished chunk into the two planes,
@@ -62,10 +67,9 @@ class FocusJob:
     """
 
     def __init__(self, slide: Slide, mask: TissueMask, focus_mpp: float, workers: int = 0) -> None:
+        self.slide = slide
         self.k = 2 * max(1, int(round(mask.mpp / focus_mpp / 2)))
-        side = _CELL_MASK_PX * self.k
-        self.grid = tile_grid(slide, mask, TilingConfig(target_mpp=mask.mpp / self.k, tile_px=side + 2 * _HALO_PX,
-                                                         stride_px=side, min_tissue_fraction=0.0))
+        self.grid = self._cells(mask)
         self.fine = np.zeros(mask.mask.shape, np.float32)
         self.band = np.zeros(mask.mask.shape, np.float32)
         self._reader = TileReader(slide, self.grid)
@@ -81,18 +85,44 @@ class FocusJob:
             self._thread = threading.Thread(target=self._file_all, args=(chunks,), daemon=True)
             self._thread.start()
 
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """The ``(fine, band)`` planes, once every cell is done (re-raises a worker's error)."""
+    def _cells(self, mask: TissueMask) -> TileGrid:
+        """The cells holding any px of ``mask``, read with their halo at ``mask.mpp / k`` µm/px."""
+        side = _CELL_MASK_PX * self.k
+        return tile_grid(self.slide, mask, TilingConfig(target_mpp=mask.mpp / self.k, tile_px=side + 2 * _HALO_PX,
+                                                        stride_px=side, min_tissue_fraction=0.0))
+
+    def result(self, mask: TissueMask | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``(fine, band)`` planes, once every cell is done (re-raises a worker's error).
+
+        ``mask``: the tissue the planes must cover when the job was started on another mask of
+        the same grid (the tissue's possible extent, before the mask was finished); its cells the
+        job did not read are read here.
+        """
         try:
             if self._thread is None:
                 self._file_all(_energies_of_chunk(self._reader, self.k, c) for c in range(self.grid.n_chunks))
             else:
                 self._thread.join()
+            if self._error is None and mask is not None:
+                self._cover(mask)
         finally:
             self.close()
         if self._error is not None:
             raise self._error
         return self.fine, self.band
+
+    def _cover(self, mask: TissueMask) -> None:
+        """Read the cells of ``mask`` that this job's grid lacks (in this process)."""
+        if mask.mask.shape != self.fine.shape:
+            raise ValueError(f"mask {mask.mask.shape} is not on the focus job's grid {self.fine.shape}")
+        needed = self._cells(mask)
+        missing = needed.subset(~_is_in(needed.cols_rows, self.grid.cols_rows))
+        if len(missing):
+            reader = TileReader(self.slide, missing)
+            try:
+                self._file_all((_energies_of_chunk(reader, self.k, c) for c in range(missing.n_chunks)), missing)
+            finally:
+                reader.close()
 
     def close(self) -> None:
         """Stop the workers (if still running) and close the reader."""
@@ -102,17 +132,28 @@ class FocusJob:
             self._pool = None
         self._reader.close()
 
-    def _file_all(self, chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    def _file_all(self, chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                  grid: TileGrid | None = None) -> None:
+        """File each chunk's cells of ``grid`` (this job's by default) into the planes."""
         h, w = self.fine.shape
+        cols_rows = (self.grid if grid is None else grid).cols_rows
         try:
             for indices, tile_fine, tile_band in chunks:
-                for (col, row), f, b in zip(self.grid.cols_rows[indices], tile_fine, tile_band):
+                for (col, row), f, b in zip(cols_rows[indices], tile_fine, tile_band):
                     y0, x0 = row * _CELL_MASK_PX, col * _CELL_MASK_PX
                     y1, x1 = min(h, y0 + _CELL_MASK_PX), min(w, x0 + _CELL_MASK_PX)
                     self.fine[y0:y1, x0:x1] = f[:y1 - y0, :x1 - x0]
                     self.band[y0:y1, x0:x1] = b[:y1 - y0, :x1 - x0]
         except BaseException as exc:  # handed to result() in the caller's thread
             self._error = exc
+
+
+def _is_in(cols_rows: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """(N,) bool: which (column, row) pairs of ``cols_rows`` occur in ``among``."""
+    def key(a: np.ndarray) -> np.ndarray:
+        return a[:, 0].astype(np.int64) << 32 | a[:, 1].astype(np.int64)
+
+    return np.isin(key(cols_rows), key(among))
 
 
 _WORKER: tuple[TileReader, int] | None = None  # the reader and k of this worker process

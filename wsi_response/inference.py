@@ -28,7 +28,7 @@ grow. With a ``store`` path, finished chunks are written to the resumable zarr t
 (:mod:`wsi_response.store`) and skipped on a rerun: the first at once, then together every
 ``STORE_EVERY_S`` seconds, at the end and when reading or the model fails (a write per chunk,
 about 10 ms, would cap a GPU run at a few thousand tiles/s), so a killed run loses at most about
-a second of work.
+two seconds of work.
 
 Several GPUs: one process per GPU, each pinned through ``CUDA_VISIBLE_DEVICES``, is
 :mod:`wsi_response.batch` (``--gpus all``); ``device="cuda:N"`` picks a GPU in one process.
@@ -59,7 +59,7 @@ __all__ = ["AUTOCAST_DTYPES", "DECODE_CHOICES", "predict", "resolve_device", "au
 Progress = Callable[[int, int], None]  # (tiles done, tiles total)
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 DECODE_CHOICES = ("workers", "device")
-STORE_EVERY_S = 1.0  # finished chunks go to the tile store together about this often (and at the end), s
+STORE_EVERY_S = 2.0  # finished chunks go to the tile store together about this often (and at the end), s
 # (chunk k, tile indices (n,), payload): uint8 tiles (n, h, w, 3), or the chunk's compressed JPEG
 # tiles as (concatenated streams uint8 (bytes,), stream lengths (m,), tile positions (m, 2))
 ChunkItem = tuple[int, np.ndarray, "torch.Tensor | tuple[torch.Tensor, np.ndarray, np.ndarray]"]

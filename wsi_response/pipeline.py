@@ -20,6 +20,7 @@ import json
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -28,6 +29,7 @@ import numpy as np
 from . import __version__
 from .atomic import remove_partials, write_atomic, write_json_atomic
 from .artefacts import cell_intensity_flags, detect_artefacts
+from .focus import FocusJob
 from .classes import ARTEFACT, CLASSES, COLORS_RGB, QUPATH_NAMES
 from .qc import slide_qc, specimen_qc
 from .config import Config, QcConfig, config_to_dict
@@ -37,7 +39,7 @@ from .report import box_thumbnail, heatmap_png, mask_on_thumbnail, overlay_png, 
 from .slide import Slide, open_slide
 from .store import TilePredictions, read_tile_store
 from .tiling import TileGrid, tile_grid
-from .tissue import Overview, TissueMask, detect_tissue, read_overview
+from .tissue import Overview, TissueMask, detect_tissue, possible_tissue, read_overview, stained_px
 
 __all__ = ["SCHEMA_VERSION", "unique_slide_ids", "process_slide", "record_failure", "aggregate_specimen",
            "run_specimen", "check_writable", "raise_if_environment", "config_sha256", "source_fingerprint",
@@ -132,8 +134,16 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
     slide = open_slide(path, mpp=mpp)
     try:
         overview = read_overview(slide, cfg.tissue.mask_mpp)
-        mask = detect_tissue(slide, cfg.tissue, overview)
-        artefacts = detect_artefacts(slide, mask, cfg.qc, overview, cfg.inference.num_workers)
+        stained = stained_px(overview.image, cfg.tissue, overview.glass)
+        # the focus measure's reading starts on the tissue's possible extent while the mask is finished
+        focus = FocusJob(slide, TissueMask(possible_tissue(stained, overview.mpp, cfg.tissue), overview.downsample,
+                                           overview.mpp), cfg.qc.focus_mpp, cfg.inference.num_workers)
+        try:
+            mask = detect_tissue(slide, cfg.tissue, overview, stained)
+        except BaseException:
+            focus.close()
+            raise
+        artefacts = detect_artefacts(slide, mask, cfg.qc, overview, focus=focus)
         usable = TissueMask(mask.mask & ~artefacts.any, mask.downsample, mask.mpp)
         laid = tile_grid(slide, usable, cfg.tiling)
         white, black = cell_intensity_flags(laid, overview, usable, cfg.qc)
@@ -158,27 +168,30 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
                                        grid.cell_area_mm2)
         labels = predictions.labels
         excluded = TissueMask(mask.mask & ~usable.mask, mask.downsample, mask.mpp)
-        regions = class_regions(grid, labels, usable, predictions.class_names)
-        regions[ARTEFACT] = _artefact_region(excluded, usable, blank)
-        mean_probability = {
-            name: (float(np.average(predictions.probs[labels == i, i], weights=grid.tissue_fraction[labels == i]))
-                   if (labels == i).any() else None)
-            for i, name in enumerate(predictions.class_names)}
-        mean_probability[ARTEFACT] = None
-        offset = slide.bounds_offset_l0
-        write_overlay(slide_dir / "overlay.geojson",
-                      overlay_features(regions, mean_probability, slide.mpp, offset))
-        write_tiles(slide_dir / "tiles.geojson.gz", slide_id, grid, predictions.probs, predictions.class_names, offset)
-
         thumb_ds = max(1.0, max(slide.dimensions_px) / THUMBNAIL_MAX_PX)
         thumbnail = _thumbnail(slide, overview, thumb_ds)
         artefact_layer = {QUPATH_NAMES[ARTEFACT]: (mask_on_thumbnail(excluded, thumbnail.shape[:2], thumb_ds),
                                                    COLORS_RGB[ARTEFACT])}
-        write_atomic(slide_dir / "overlay.png",
-                     overlay_png(thumbnail, thumb_ds, grid, labels, usable, predictions.class_names, artefact_layer))
         viable = predictions.class_names.index("viable_tumor")
-        write_atomic(slide_dir / "heatmap_viable_tumor.png",
-                     heatmap_png(thumbnail, thumb_ds, grid, predictions.probs[:, viable], mask, "Viable tumor"))
+        offset = slide.bounds_offset_l0
+        with ThreadPoolExecutor(2) as threads:  # PNGs compress without the GIL while the GeoJSON is written
+            pngs = {"overlay.png": threads.submit(overlay_png, thumbnail, thumb_ds, grid, labels, usable,
+                                                  predictions.class_names, artefact_layer),
+                    "heatmap_viable_tumor.png": threads.submit(heatmap_png, thumbnail, thumb_ds, grid,
+                                                               predictions.probs[:, viable], mask, "Viable tumor")}
+            regions = class_regions(grid, labels, usable, predictions.class_names)
+            regions[ARTEFACT] = _artefact_region(excluded, usable, blank)
+            mean_probability = {
+                name: (float(np.average(predictions.probs[labels == i, i], weights=grid.tissue_fraction[labels == i]))
+                       if (labels == i).any() else None)
+                for i, name in enumerate(predictions.class_names)}
+            mean_probability[ARTEFACT] = None
+            write_overlay(slide_dir / "overlay.geojson",
+                          overlay_features(regions, mean_probability, slide.mpp, offset))
+            write_tiles(slide_dir / "tiles.geojson.gz", slide_id, grid, predictions.probs, predictions.class_names,
+                        offset)
+            for name, png in pngs.items():
+                write_atomic(slide_dir / name, png.result())
         timings["export_s"] = time.perf_counter() - t2
         timings["total_s"] = time.perf_counter() - t0
 

@@ -16,9 +16,11 @@ Store layout (zarr v3 folder ``tiles.zarr``)::
 Crash safety, the choice made: work happens in ``<path>.partial``; the finished store is renamed
 to ``<path>`` only when every chunk is done, so a store at its final name is always complete.
 Inside the partial store a chunk's probabilities are written first and its ``chunk_done`` flag
-second (finished chunks are written together, about once a second: :func:`~wsi_response.inference.predict`); zarr's local store writes each chunk file to a temporary name and renames it, so a
-killed run leaves every flagged chunk intact. On restart, a store (final or partial) whose
-metadata differs from the current run's is deleted and recomputed, never reused.
+second (finished chunks are written together every few seconds:
+:func:`~wsi_response.inference.predict`); zarr's local store writes each chunk file to a
+temporary name and renames it, so a killed run leaves every flagged chunk intact. On restart, a
+store (final or partial) whose metadata differs from the current run's is deleted and
+recomputed, never reused.
 """
 from __future__ import annotations
 
@@ -90,6 +92,8 @@ class TileStore:
         self.final_path = final_path
         self._group = group
         self.complete = complete
+        self._starts = np.asarray(group["chunk_starts"][:])  # this writer alone changes the store:
+        self._done = np.asarray(group["chunk_done"][:]).astype(bool)  # both are kept here, not re-read
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -98,12 +102,10 @@ class TileStore:
     @property
     def done(self) -> np.ndarray:
         """(K,) bool: chunks whose probabilities are stored."""
-        return np.asarray(self._group["chunk_done"][:]).astype(bool)
+        return self._done.copy()
 
     def chunk_probs(self, k: int) -> np.ndarray:
-        starts = self._group["chunk_starts"]
-        start, stop = int(starts[k]), int(starts[k + 1])
-        return np.asarray(self._group["probs"][start:stop])
+        return np.asarray(self._group["probs"][int(self._starts[k]):int(self._starts[k + 1])])
 
     def probs(self) -> np.ndarray:
         """(N, C) float32 of every tile (rows of chunks not done are NaN)."""
@@ -116,13 +118,13 @@ class TileStore:
         ``probs`` holds them (NaN, or what this store already held for them)."""
         if not len(chunks):
             return
-        starts = np.asarray(self._group["chunk_starts"][:])
         ks = np.asarray(chunks, np.int64)
-        start, stop = int(starts[ks.min()]), int(starts[ks.max() + 1])
+        start, stop = int(self._starts[ks.min()]), int(self._starts[ks.max() + 1])
         self._group["probs"][start:stop] = probs[start:stop].astype(np.float32, copy=False)
-        done = self.done.astype(np.uint8)
-        done[ks] = 1
-        self._group["chunk_done"][:] = done
+        done = self._done.copy()
+        done[ks] = True
+        self._group["chunk_done"][:] = done.astype(np.uint8)
+        self._done = done
 
     def finalize(self) -> Path:
         """Rename the partial store to its final name once every chunk is done; return that path."""

@@ -8,6 +8,7 @@ objects (dust) and near-black scanner background are dropped.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -19,9 +20,11 @@ from .jpegtiles import JpegTileReader, verified_jpeg_reader
 from .slide import Slide
 from .smoothing import dilate, erode
 
-__all__ = ["Overview", "TissueMask", "read_overview", "detect_tissue", "glass_rgb", "density_lut"]
+__all__ = ["Overview", "TissueMask", "read_overview", "detect_tissue", "stained_px", "possible_tissue",
+           "glass_rgb", "density_lut"]
 
 READ_BUDGET_BYTES = 64 << 20  # decoded level pixels (RGB bytes) per strip read, whatever the level's width
+_STRIP_ROWS = 256  # overview rows per pass of the per-px stain test
 PROBE_PX = 512  # side of the central square on which a direct JPEG read must match the backend, level px
 
 
@@ -108,31 +111,57 @@ def _centre_verified_reader(slide: Slide, level: int) -> JpegTileReader | None:
     return verified_jpeg_reader(slide, level, lambda read: read(level, origin, (w, h)))
 
 
-def detect_tissue(slide: Slide, cfg: TissueConfig = TissueConfig(),
-                  overview: Overview | None = None) -> TissueMask:
-    """Tissue mask of ``slide`` at ``cfg.mask_mpp`` µm/px (pass ``overview`` to reuse a read)."""
+def detect_tissue(slide: Slide, cfg: TissueConfig = TissueConfig(), overview: Overview | None = None,
+                  stained: np.ndarray | None = None) -> TissueMask:
+    """Tissue mask of ``slide`` at ``cfg.mask_mpp`` µm/px (pass ``overview`` to reuse a read, and
+    its :func:`stained_px` when known)."""
     if overview is None:
         overview = read_overview(slide, cfg.mask_mpp)
-    mask = tissue_from_rgb(overview.image, overview.mpp, cfg, overview.glass)
+    mask = tissue_from_rgb(overview.image, overview.mpp, cfg, overview.glass, stained)
     return TissueMask(mask=mask, downsample=overview.downsample, mpp=overview.mpp)
 
 
-def tissue_from_rgb(rgb: np.ndarray, mpp: float, cfg: TissueConfig, glass: np.ndarray | None = None) -> np.ndarray:
-    """Boolean tissue mask of an RGB uint8 overview at ``mpp`` µm/px (``glass``: its
-    :func:`glass_rgb`, when known)."""
-    from skimage import morphology
-
+def stained_px(rgb: np.ndarray, cfg: TissueConfig, glass: np.ndarray | None = None) -> np.ndarray:
+    """Bool ``[y, x]``: px of an RGB uint8 overview stained relative to the glass (``glass``: its
+    :func:`glass_rgb`, when known), before the mask's closing, hole filling and dust removal."""
     # OD above glass over the threshold in any channel, by table: memory is a few bool planes
     dense = density_lut(glass_rgb(rgb) if glass is None else glass) > cfg.min_optical_density
-    stained = dense[0].take(rgb[..., 0])
-    for c in (1, 2):
-        stained |= dense[c].take(rgb[..., c])
-    vmax = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
-    spread = vmax - np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
-    stained |= spread >= _min_saturated_spread(cfg.min_saturation).take(vmax)  # HSV saturation
-    stained &= vmax >= 40  # darker: unscanned areas / slide edge, not stain
-    del vmax, spread
+    min_spread = _min_saturated_spread(cfg.min_saturation)
+    stained = np.empty(rgb.shape[:2], bool)
 
+    def strip(r0: int) -> None:
+        part = rgb[r0:r0 + _STRIP_ROWS]
+        out = stained[r0:r0 + _STRIP_ROWS]
+        np.take(dense[0], part[..., 0], out=out)
+        for c in (1, 2):
+            out |= dense[c].take(part[..., c])
+        vmax = np.maximum(np.maximum(part[..., 0], part[..., 1]), part[..., 2])
+        spread = vmax - np.minimum(np.minimum(part[..., 0], part[..., 1]), part[..., 2])
+        out |= spread >= min_spread.take(vmax)  # HSV saturation
+        out &= vmax >= 40  # darker: unscanned areas / slide edge, not stain
+
+    with ThreadPoolExecutor(2) as threads:  # numpy runs without the GIL: strips on both cores
+        list(threads.map(strip, range(0, rgb.shape[0], _STRIP_ROWS)))
+    return stained
+
+
+def possible_tissue(stained: np.ndarray, mpp: float, cfg: TissueConfig) -> np.ndarray:
+    """Bool ``[y, x]``: the :func:`stained_px` ``stained`` grown by the closing radius, which holds
+    every px of the final mask but those of holes it fills (known before the mask is finished)."""
+    from skimage import morphology
+
+    radius = int(round(cfg.closing_um / mpp))
+    return dilate(stained, morphology.disk(radius).astype(bool)) if radius > 0 else stained.copy()
+
+
+def tissue_from_rgb(rgb: np.ndarray, mpp: float, cfg: TissueConfig, glass: np.ndarray | None = None,
+                    stained: np.ndarray | None = None) -> np.ndarray:
+    """Boolean tissue mask of an RGB uint8 overview at ``mpp`` µm/px (``glass`` and ``stained``:
+    its :func:`glass_rgb` and :func:`stained_px`, when known)."""
+    from skimage import morphology
+
+    if stained is None:
+        stained = stained_px(rgb, cfg, glass)
     px_area_mm2 = (mpp / 1000.0) ** 2
     radius = int(round(cfg.closing_um / mpp))
     mask = stained
