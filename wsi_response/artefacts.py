@@ -42,7 +42,8 @@ KINDS: tuple[str, ...] = ("pen", "blur", "fold", "bubble")
 _FOLD_LOCAL_UM = 16.0  # Gaussian sigma smoothing tissue OD before the fold test, µm
 _EDGE_UM = 4.0  # px this close to ink or a bubble are not tested for blur, µm
 _STRIP_ROWS = 128  # overview rows per pass of the per-px colour tests (bounds their temporaries)
-_THREADS = 2  # threads of the detectors' independent steps (numpy and scipy's filters release the GIL)
+_THREADS = 2  # threads of the detectors' independent steps where they add little memory (numpy and
+# scipy's filters release the GIL)
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,7 @@ def detect_artefacts(slide: Slide, mask: TissueMask, cfg: QcConfig = QcConfig(),
         focus.close()
     min_px = int(cfg.min_artefact_mm2 / (mask.mpp / 1000.0) ** 2)
     if min_px > 1:  # ink is found by colour alone and kept however small
-        kinds = [k for k in layers if k != "pen"]
-        with ThreadPoolExecutor(len(kinds)) as threads:  # labelling mostly runs without the GIL
-            layers.update(zip(kinds, threads.map(lambda k: _drop_small(layers[k], min_px), kinds)))
+        layers = {k: v if k == "pen" else _drop_small(v, min_px) for k, v in layers.items()}
     return ArtefactMask(layers={k: layers[k] for k in KINDS}, downsample=mask.downsample, mpp=mask.mpp,
                         tissue_area_mm2=mask.area_mm2)
 
@@ -227,13 +226,15 @@ def _drop_small(mask: np.ndarray, max_px: int) -> np.ndarray:
 def _ink(excess: np.ndarray, od: _Density, px_um: float, cfg: QcConfig) -> np.ndarray:
     """Marker ink px: colour out of the H&E gamut (``excess`` > 0), or black; grown from clear seeds."""
     # under ink, the tissue's own (negative) excess remains: measure against the surroundings
-    with ThreadPoolExecutor(1) as thread:
-        black = thread.submit(_grow, od.black_grow, od.black_seed)
-        plain = excess < 0.0  # H&E and glass; ink over tissue has a positive excess
-        local = np.minimum(normalized_gauss(excess, plain, cfg.ink_context_um / px_um), 0.0)
-        np.subtract(excess, local, out=local)
-        colour = _grow(local >= cfg.ink_grow_excess_od, excess >= cfg.ink_min_excess_od)
-        return colour | black.result()
+    plain = excess < 0.0  # H&E and glass; ink over tissue has a positive excess
+    local = normalized_gauss(excess, plain, cfg.ink_context_um / px_um)
+    del plain
+    np.minimum(local, 0.0, out=local)
+    np.subtract(excess, local, out=local)
+    colour = _grow(local >= cfg.ink_grow_excess_od, excess >= cfg.ink_min_excess_od)
+    del local
+    colour |= _grow(od.black_grow, od.black_seed)
+    return colour
 
 
 def _grow(candidates: np.ndarray, seeds: np.ndarray) -> np.ndarray:
@@ -260,17 +261,18 @@ def _fold(total: np.ndarray, rgb: np.ndarray, lut: np.ndarray, measured: np.ndar
     with ThreadPoolExecutor(_THREADS) as threads:
         means = list(threads.map(lambda s: MaskedGauss(measured, s), (_FOLD_LOCAL_UM / px_um,
                                                                         cfg.fold_context_um / px_um)))
-        local, context = threads.map(lambda mean: mean(total), means)  # Gaussians are linear
+        local, context = (mean(total) for mean in means)  # Gaussians are linear; one full plane at a time
         dense = measured & (local >= cfg.fold_min_od_ratio * context)
         at = np.nonzero(dense)
         if not at[0].size:
             return dense
         sums = (local[at], context[at])
         del local, context
-        # per channel: its local and context OD at the dense px; the third channel's is the sum less these two
-        planes = [lut[c].take(rgb[..., c]) for c in (0, 1)]
-        parts = [list(threads.map(lambda mean: mean(plane, at), means)) for plane in planes]
-        del planes
+        parts = []  # per channel: its local and context OD at the dense px
+        for c in (0, 1):  # the third channel's is the sum less these two
+            plane = lut[c].take(rgb[..., c])
+            parts.append(list(threads.map(lambda mean: mean(plane, at), means)))
+            del plane
     parts.append([s - p0 - p1 for s, p0, p1 in zip(sums, *parts)])
     norm = [np.maximum(s, 1e-3) for s in sums]
     shift = sum(np.abs(lc / norm[0] - cc / norm[1]) for lc, cc in parts)  # L1 of the chromaticities

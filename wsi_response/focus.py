@@ -109,7 +109,8 @@ class FocusJob:
             self.close()
         if self._error is not None:
             raise self._error
-        return self.fine, self.band
+        planes, self.fine, self.band = (self.fine, self.band), None, None  # the caller's now (pooled in place)
+        return planes
 
     def _cover(self, mask: TissueMask) -> None:
         """Read the cells of ``mask`` that this job's grid lacks (in this process)."""

@@ -28,12 +28,12 @@ import numpy as np
 
 from . import __version__
 from .atomic import remove_partials, write_atomic, write_json_atomic
-from .artefacts import cell_intensity_flags, detect_artefacts
-from .focus import FocusJob
+from .artefacts import ArtefactMask, cell_intensity_flags, detect_artefacts
 from .classes import ARTEFACT, CLASSES, COLORS_RGB, QUPATH_NAMES
 from .qc import slide_qc, specimen_qc
 from .config import Config, QcConfig, config_to_dict
 from .errors import OutputError, WsiResponseError
+from .focus import FocusJob
 from .quantify import SlideAreas, slide_areas_from_tiles, specimen_areas
 from .report import box_thumbnail, heatmap_png, mask_on_thumbnail, overlay_png, render_report
 from .slide import Slide, open_slide
@@ -134,16 +134,7 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
     slide = open_slide(path, mpp=mpp)
     try:
         overview = read_overview(slide, cfg.tissue.mask_mpp)
-        stained = stained_px(overview.image, cfg.tissue, overview.glass)
-        # the focus measure's reading starts on the tissue's possible extent while the mask is finished
-        focus = FocusJob(slide, TissueMask(possible_tissue(stained, overview.mpp, cfg.tissue), overview.downsample,
-                                           overview.mpp), cfg.qc.focus_mpp, cfg.inference.num_workers)
-        try:
-            mask = detect_tissue(slide, cfg.tissue, overview, stained)
-        except BaseException:
-            focus.close()
-            raise
-        artefacts = detect_artefacts(slide, mask, cfg.qc, overview, focus=focus)
+        mask, artefacts = _tissue_and_artefacts(slide, overview, cfg)
         usable = TissueMask(mask.mask & ~artefacts.any, mask.downsample, mask.mpp)
         laid = tile_grid(slide, usable, cfg.tiling)
         white, black = cell_intensity_flags(laid, overview, usable, cfg.qc)
@@ -224,6 +215,20 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
         slide.close()
     write_json_atomic(slide_dir / "slide.json", record)
     return record
+
+
+def _tissue_and_artefacts(slide: Slide, overview: Overview, cfg: Config) -> tuple[TissueMask, ArtefactMask]:
+    """The tissue mask and its artefact layers; the focus measure's reading starts on the tissue's
+    possible extent (:func:`~wsi_response.tissue.possible_tissue`) while the mask is finished."""
+    stained = stained_px(overview.image, cfg.tissue, overview.glass)
+    focus = FocusJob(slide, TissueMask(possible_tissue(stained, overview.mpp, cfg.tissue), overview.downsample,
+                                       overview.mpp), cfg.qc.focus_mpp, cfg.inference.num_workers)
+    try:
+        mask = detect_tissue(slide, cfg.tissue, overview, stained)
+        del stained
+        return mask, detect_artefacts(slide, mask, cfg.qc, overview, focus=focus)
+    finally:
+        focus.close()
 
 
 def _artefact_region(excluded: TissueMask, usable: TissueMask, blank: TileGrid) -> Any:

@@ -7,6 +7,7 @@ import numpy as np
 __all__ = ["normalized_gauss", "MaskedGauss", "block_mean", "dilate", "erode"]
 
 _BLOCK_SIGMA = 2.0  # Gaussians of sigma >= this x 2 px run on blocks of sigma / this px
+_STRIP_BYTES = 4 << 20  # float32 px per strip of the block means
 
 
 def normalized_gauss(values: np.ndarray, weight: np.ndarray, sigma_px: float,
@@ -23,7 +24,7 @@ class MaskedGauss:
     Kernels of ``sigma_px`` >= 4 px run on ``q`` x ``q`` block means (``q`` = sigma / 2 px) with
     a Gaussian of about 2 blocks, narrowed so that block averaging and the bilinear interpolation
     back to px (together a variance of q² / 4 px²) keep the total width at ``sigma_px``.
-    Memory: about two float32 planes of ``weight``'s size per call.
+    Memory per call: the block grid's planes, and the output.
     """
 
     def __init__(self, weight: np.ndarray, sigma_px: float) -> None:
@@ -46,18 +47,28 @@ class MaskedGauss:
         return num if self.q == 1 else _upsample(num, self.q)[:h, :w]
 
     def _filtered(self, values: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
-        """The Gaussian of ``values`` (times ``weight``), zero outside, on the block grid, float32."""
+        """The Gaussian of ``values`` (times ``weight``), zero outside, on the block grid, float32;
+        block means are taken strip by strip (no full-size temporary)."""
         from scipy import ndimage
 
         h, w = values.shape
         q = self.q
-        plane = np.zeros((-(-h // q) * q, -(-w // q) * q), np.float32)
-        if weight is None:
-            plane[:h, :w] = values
+        if q == 1:
+            plane = values.astype(np.float32) if weight is None else np.multiply(values, weight, dtype=np.float32)
         else:
-            np.multiply(values, weight, out=plane[:h, :w])
-        if q > 1:
-            plane = block_mean(plane, q)
+            bh, bw = -(-h // q), -(-w // q)
+            plane = np.empty((bh, bw), np.float32)
+            rows = max(1, _STRIP_BYTES // (4 * q * q * bw))  # block rows per strip
+            strip = np.zeros((rows * q, bw * q), np.float32)  # columns past w stay 0
+            for b0 in range(0, bh, rows):
+                y0, y1 = b0 * q, min(h, (b0 + rows) * q)
+                part = strip[:-(-(y1 - y0) // q) * q]
+                part[y1 - y0:] = 0.0  # the last strip's rows past h
+                if weight is None:
+                    part[:y1 - y0, :w] = values[y0:y1]
+                else:
+                    np.multiply(values[y0:y1], weight[y0:y1], out=part[:y1 - y0, :w])
+                plane[b0:b0 + part.shape[0] // q] = block_mean(part, q)
         ndimage.gaussian_filter(plane, self.sigma, mode="constant", output=plane)
         return plane
 
