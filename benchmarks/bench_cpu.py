@@ -32,6 +32,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from wsi_response.malloc_arenas import limit_malloc_arenas  # noqa: E402
+
 WARM_UP_PX = (8000, 6000)  # the slide each end-to-end process runs first, untimed
 
 
@@ -156,6 +158,7 @@ def end_to_end(size: tuple[int, int], work: Path, model: str, workers: int) -> d
 
 
 def main() -> None:
+    limit_malloc_arenas()  # as the CLI does, before torch's threads
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="40000x30000,80000x60000")
     parser.add_argument("--models", default="demo,resnet18",

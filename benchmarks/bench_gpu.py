@@ -43,6 +43,7 @@ from _common import TILING, bench_slide, saved_classifier  # noqa: E402
 
 from wsi_response.classifier import Classifier  # noqa: E402
 from wsi_response.config import Config, load_config  # noqa: E402
+from wsi_response.malloc_arenas import limit_malloc_arenas  # noqa: E402
 from wsi_response.inference import (DeviceDecodeUnavailable, DeviceDecoder, ModelRunner, resolve_device,  # noqa: E402
                                     tile_chunks)
 from wsi_response.pipeline import process_slide, run_specimen  # noqa: E402
@@ -107,6 +108,7 @@ def end_to_end(path: Path, clf: Classifier, cfg: Config, out: Path, label: str) 
 
 
 def main() -> None:
+    limit_malloc_arenas()  # as the CLI does, before torch's threads
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     ap.add_argument("--quick", action="store_true", help="small slide, small batches (smoke test)")

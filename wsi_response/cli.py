@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 from . import __version__
 from .errors import ConfigError, WsiResponseError
+from .malloc_arenas import limit_malloc_arenas
 
 __all__ = ["main"]
 
@@ -391,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
+    limit_malloc_arenas()  # before torch's threads; the batch's worker processes inherit it
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # key=value overrides may follow the options
     target = "items" if hasattr(args, "items") else "overrides"  # `run` takes slides and overrides together
