@@ -42,8 +42,8 @@ KINDS: tuple[str, ...] = ("pen", "blur", "fold", "bubble")
 _FOLD_LOCAL_UM = 16.0  # Gaussian sigma smoothing tissue OD before the fold test, µm
 _EDGE_UM = 4.0  # px this close to ink or a bubble are not tested for blur, µm
 _STRIP_ROWS = 128  # overview rows per pass of the per-px colour tests (bounds their temporaries)
-_THREADS = 2  # threads of the detectors' independent steps where they add little memory (numpy and
-# scipy's filters release the GIL)
+# threads for the detectors' steps that add little memory (numpy and scipy's filters release the GIL)
+_THREADS = 2
 
 
 @dataclass(frozen=True)

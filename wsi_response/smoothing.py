@@ -7,7 +7,7 @@ import numpy as np
 __all__ = ["normalized_gauss", "MaskedGauss", "block_mean", "dilate", "erode"]
 
 _BLOCK_SIGMA = 2.0  # Gaussians of sigma >= this x 2 px run on blocks of sigma / this px
-_STRIP_BYTES = 4 << 20  # float32 px per strip of the block means
+_STRIP_BYTES = 4 << 20  # bytes (float32) per strip of the block means
 
 
 def normalized_gauss(values: np.ndarray, weight: np.ndarray, sigma_px: float,
