@@ -221,11 +221,12 @@ def _tissue_and_artefacts(slide: Slide, overview: Overview, cfg: Config) -> tupl
     """The tissue mask and its artefact layers; the focus measure's reading starts on the tissue's
     possible extent (:func:`~wsi_response.tissue.possible_tissue`) while the mask is finished."""
     stained = stained_px(overview.image, cfg.tissue, overview.glass)
-    focus = FocusJob(slide, TissueMask(possible_tissue(stained, overview.mpp, cfg.tissue), overview.downsample,
-                                       overview.mpp), cfg.qc.focus_mpp, cfg.inference.num_workers)
+    possible = possible_tissue(stained, overview.mpp, cfg.tissue)
+    focus = FocusJob(slide, TissueMask(possible, overview.downsample, overview.mpp), cfg.qc.focus_mpp,
+                     cfg.inference.num_workers)
     try:
-        mask = detect_tissue(slide, cfg.tissue, overview, stained)
-        del stained
+        mask = detect_tissue(slide, cfg.tissue, overview, stained, possible)
+        del stained, possible
         return mask, detect_artefacts(slide, mask, cfg.qc, overview, focus=focus)
     finally:
         focus.close()

@@ -112,12 +112,12 @@ def _centre_verified_reader(slide: Slide, level: int) -> JpegTileReader | None:
 
 
 def detect_tissue(slide: Slide, cfg: TissueConfig = TissueConfig(), overview: Overview | None = None,
-                  stained: np.ndarray | None = None) -> TissueMask:
+                  stained: np.ndarray | None = None, possible: np.ndarray | None = None) -> TissueMask:
     """Tissue mask of ``slide`` at ``cfg.mask_mpp`` µm/px (pass ``overview`` to reuse a read, and
-    its :func:`stained_px` when known)."""
+    its :func:`stained_px` and :func:`possible_tissue` when known)."""
     if overview is None:
         overview = read_overview(slide, cfg.mask_mpp)
-    mask = tissue_from_rgb(overview.image, overview.mpp, cfg, overview.glass, stained)
+    mask = tissue_from_rgb(overview.image, overview.mpp, cfg, overview.glass, stained, possible)
     return TissueMask(mask=mask, downsample=overview.downsample, mpp=overview.mpp)
 
 
@@ -148,26 +148,31 @@ def stained_px(rgb: np.ndarray, cfg: TissueConfig, glass: np.ndarray | None = No
 def possible_tissue(stained: np.ndarray, mpp: float, cfg: TissueConfig) -> np.ndarray:
     """Bool ``[y, x]``: the :func:`stained_px` ``stained`` grown by the closing radius, which holds
     every px of the final mask but those of holes it fills (known before the mask is finished)."""
+    disk = _closing_disk(mpp, cfg)
+    return stained.copy() if disk is None else dilate(stained, disk)
+
+
+def _closing_disk(mpp: float, cfg: TissueConfig) -> np.ndarray | None:
+    """The closing's bool disk footprint at ``mpp`` µm/px; None when its radius rounds to 0 px."""
     from skimage import morphology
 
     radius = int(round(cfg.closing_um / mpp))
-    return dilate(stained, morphology.disk(radius).astype(bool)) if radius > 0 else stained.copy()
+    return morphology.disk(radius).astype(bool) if radius > 0 else None
 
 
 def tissue_from_rgb(rgb: np.ndarray, mpp: float, cfg: TissueConfig, glass: np.ndarray | None = None,
-                    stained: np.ndarray | None = None) -> np.ndarray:
-    """Boolean tissue mask of an RGB uint8 overview at ``mpp`` µm/px (``glass`` and ``stained``:
-    its :func:`glass_rgb` and :func:`stained_px`, when known)."""
+                    stained: np.ndarray | None = None, possible: np.ndarray | None = None) -> np.ndarray:
+    """Boolean tissue mask of an RGB uint8 overview at ``mpp`` µm/px (``glass``, ``stained`` and
+    ``possible``: its :func:`glass_rgb`, :func:`stained_px` and :func:`possible_tissue`, when known)."""
     from skimage import morphology
 
     if stained is None:
         stained = stained_px(rgb, cfg, glass)
     px_area_mm2 = (mpp / 1000.0) ** 2
-    radius = int(round(cfg.closing_um / mpp))
     mask = stained
-    if radius > 0:
-        disk = morphology.disk(radius).astype(bool)
-        mask = erode(dilate(mask, disk), disk)  # closing
+    disk = _closing_disk(mpp, cfg)
+    if disk is not None:  # closing: the stained px grown (the possible tissue), then shrunk
+        mask = erode(possible_tissue(stained, mpp, cfg) if possible is None else possible, disk)
         mask |= stained
     if cfg.max_hole_mm2 > 0:
         mask = morphology.remove_small_holes(mask, max_size=max(1, int(cfg.max_hole_mm2 / px_area_mm2)))
