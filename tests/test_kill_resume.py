@@ -27,6 +27,7 @@ from _batch_data import specimen_json, without_timing
 from wsi_response.atomic import PARTIAL_SUFFIX
 from wsi_response.classifier import default_model_path, load_classifier
 from wsi_response.config import load_config
+from wsi_response.locks import LOCK_NAME
 from wsi_response.pipeline import run_specimen
 from wsi_response.store import read_tile_store
 
@@ -57,7 +58,8 @@ def _complete_files(out: Path) -> list[str]:
     checked = []
     for path in sorted(out.rglob("*")):
         rel = path.relative_to(out)
-        if any(part.endswith(PARTIAL_SUFFIX) for part in rel.parts) or ".zarr" in str(rel.parent):
+        if any(part.endswith(PARTIAL_SUFFIX) for part in rel.parts) or ".zarr" in str(rel.parent) \
+                or path.name == LOCK_NAME:
             continue
         if path.name.endswith(".zarr"):
             stored = read_tile_store(path)
@@ -100,7 +102,8 @@ def _run_until(slides: list[Path], out: Path, marker: Path | None) -> subprocess
 
 
 def _mtimes(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != LOCK_NAME}  # the lock file records each run that locks the folder
 
 
 @pytest.mark.slow

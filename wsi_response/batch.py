@@ -23,8 +23,14 @@ file is missing are reported up front and recorded as failed slides, so the rest
 - **Signals**: SIGUSR1 (SLURM's time-limit warning), SIGTERM and SIGINT abandon the slides in
   progress at once, keep every finished slide and end the run (exit 128 + signal number); running
   the same command again continues.
+- **Concurrent writers** (:mod:`~wsi_response.locks`): a worker computes a slide only while it
+  holds the slide folder's lock; a slide whose folder another process holds (another batch task,
+  a ``run``) is skipped as ``busy``, "in progress elsewhere": neither done nor failed, and the exit
+  status does not count it. Under the lock a slide finished meanwhile by another process is not
+  redone. A slide whose tile store is damaged is not done (it is redone, the store rebuilt).
 - **Aggregation**: at the end of a task, every specimen of its shard whose slides all have a
-  current ``slide.json`` (ok or failed) is aggregated. :func:`finalize_batch` (``--aggregate-only``,
+  current ``slide.json`` (ok or failed) is aggregated, under the specimen's locks; one that another
+  process holds is left to it (the last writer aggregates; ``busy`` in the summary). :func:`finalize_batch` (``--aggregate-only``,
   the SLURM follow-up job, and the end of an unsharded run) aggregates every complete specimen
   and writes ``DIR/batch-summary.json``.
 """
@@ -47,8 +53,9 @@ from typing import Any, Iterable, Mapping, Sequence
 from .atomic import write_json_atomic
 from .config import Config
 from .errors import ConfigError, OutputError, SlideReadError, WsiResponseError
-from .pipeline import (aggregate_specimen, check_writable, config_sha256, current_slide_record, process_slide,
-                       raise_if_environment, record_failure, unique_slide_ids)
+from .locks import FolderBusyError, folder_lock, specimen_locks
+from .pipeline import (aggregate_specimen, check_writable, config_sha256, current_slide_record, damaged_store,
+                       process_slide, raise_if_environment, record_failure, unique_slide_ids)
 
 __all__ = ["SlideTask", "BatchResult", "read_manifest", "missing_slides", "shard", "task_from_env",
            "worker_devices", "run_batch", "finalize_batch", "SUMMARY_NAME"]
@@ -56,6 +63,7 @@ __all__ = ["SlideTask", "BatchResult", "read_manifest", "missing_slides", "shard
 MANIFEST_COLUMNS = ("specimen_id", "slide_path")
 SUMMARY_NAME = "batch-summary.json"
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+BUSY = "busy"   # status of a slide (or specimen) whose folder another process holds: in progress elsewhere
 _POLL_S = 0.5
 
 
@@ -74,7 +82,8 @@ class SlideTask:
 
 @dataclass
 class BatchResult:
-    """What one ``run_batch`` call did; ``statuses`` maps each slide it ran to ok/ok_empty/failed."""
+    """What one ``run_batch`` call did; ``statuses`` maps each slide it ran to ok/ok_empty/failed, or
+    ``busy`` when another process held its folder (in progress elsewhere: not run, not failed)."""
 
     tasks: list[SlideTask]
     skipped: list[SlideTask] = field(default_factory=list)
@@ -86,6 +95,10 @@ class BatchResult:
     @property
     def failed(self) -> list[SlideTask]:
         return [t for t, s in self.statuses.items() if s == "failed"]
+
+    @property
+    def busy(self) -> list[SlideTask]:
+        return [t for t, s in self.statuses.items() if s == BUSY]
 
 
 # --------------------------------------------------------------------------- manifest and shards
@@ -209,21 +222,34 @@ def _visible_gpus() -> list[str]:
 # --------------------------------------------------------------------------- status and resume
 
 
-def _is_done(out_dir: Path, task: SlideTask, model_sha256: str | None, cfg_sha256: str) -> bool:
+def _done_record(out_dir: Path, task: SlideTask, model_sha256: str | None, cfg_sha256: str) -> dict[str, Any] | None:
+    """The current ``slide.json`` of a done slide (ok/ok_empty, intact tile store), else None."""
     record = current_slide_record(task.slide_dir(out_dir), task.path, model_sha256, cfg_sha256)
-    return record is not None and record["status"] in ("ok", "ok_empty")
+    ok = record is not None and record["status"] in ("ok", "ok_empty")
+    return record if ok and damaged_store(task.slide_dir(out_dir), record) is None else None
+
+
+def _is_done(out_dir: Path, task: SlideTask, model_sha256: str | None, cfg_sha256: str) -> bool:
+    return _done_record(out_dir, task, model_sha256, cfg_sha256) is not None
 
 
 def _aggregate_complete(tasks: Sequence[SlideTask], specimens: Iterable[str], out_dir: Path,
-                        model_sha256: str | None, cfg_sha256: str) -> list[str]:
-    """Aggregate each of ``specimens`` whose every slide has a current record; returns those ids."""
-    done = []
+                        model_sha256: str | None, cfg_sha256: str) -> dict[str, str | None]:
+    """Aggregate each of ``specimens`` whose every slide has a current record, under the specimen's
+    locks (checked under them). Returns those specimens: None if aggregated, else the one-line
+    message of the process holding a lock (it is in progress elsewhere; the last writer aggregates)."""
+    complete: dict[str, str | None] = {}
     for specimen in dict.fromkeys(specimens):
         rows = [t for t in tasks if t.specimen_id == specimen]
-        if all(current_slide_record(t.slide_dir(out_dir), t.path, model_sha256, cfg_sha256) for t in rows):
-            aggregate_specimen(out_dir / specimen, specimen, slide_ids=[t.slide_id for t in rows])
-            done.append(specimen)
-    return done
+        try:
+            with specimen_locks(out_dir / specimen, [t.slide_id for t in rows], brief=True):
+                if all(current_slide_record(t.slide_dir(out_dir), t.path, model_sha256, cfg_sha256) for t in rows):
+                    aggregate_specimen(out_dir / specimen, specimen, slide_ids=[t.slide_id for t in rows])
+                    complete[specimen] = None
+        except FolderBusyError as busy:
+            complete[specimen] = str(busy)
+            print(f"wsi-response: specimen {specimen} not aggregated by this task: {busy}", file=sys.stderr)
+    return complete
 
 
 # --------------------------------------------------------------------------- worker processes
@@ -257,17 +283,29 @@ def _worker_main(conn: Connection, model_path: Path, model_sha256: str | None, c
             return
         if task is None:
             return
-        slide_dir = task.slide_dir(out_dir)
+        try:
+            with folder_lock(task.slide_dir(out_dir)):   # held by another process: in progress elsewhere
+                message = _worker_slide(task, out_dir, classifier, cfg)
+        except FolderBusyError as busy:
+            message = (BUSY, str(busy))
+        except OutputError as env:
+            message = ("environment", (str(env.path), env.problem))
+        conn.send(message)
+        if message[0] == "environment":
+            return
+
+
+def _worker_slide(task: SlideTask, out_dir: Path, classifier: Any, cfg: Config) -> tuple[str, Any]:
+    """Run one slide under its folder's lock (unless another process finished it meanwhile)."""
+    slide_dir = task.slide_dir(out_dir)
+    record = _done_record(out_dir, task, classifier.sha256, config_sha256(cfg))
+    if record is None:
         try:
             record = process_slide(task.path, task.slide_id, slide_dir, classifier, cfg)
         except Exception as exc:
-            try:
-                raise_if_environment(exc, out_dir)
-                record = record_failure(task.path, task.slide_id, slide_dir, classifier, cfg, exc)
-            except OutputError as env:
-                conn.send(("environment", (str(env.path), env.problem)))
-                return
-        conn.send(("done", {k: record.get(k) for k in ("status", "error", "n_tiles", "timing")}))
+            raise_if_environment(exc, out_dir)
+            record = record_failure(task.path, task.slide_id, slide_dir, classifier, cfg, exc)
+    return "done", {k: record.get(k) for k in ("status", "error", "n_tiles", "timing")}
 
 
 def _die_with_parent() -> None:
@@ -405,7 +443,8 @@ def run_batch(tasks: Sequence[SlideTask], out_dir: Path, classifier: Any, cfg: C
         result.summary = finalize_batch(tasks, out_dir, model_sha, cfg, manifest)
         result.aggregated = [s["specimen_id"] for s in result.summary["specimens"] if s["status"] != "incomplete"]
     else:
-        result.aggregated = _aggregate_complete(tasks, (t.specimen_id for t in mine), out_dir, model_sha, cfg_sha)
+        complete = _aggregate_complete(tasks, (t.specimen_id for t in mine), out_dir, model_sha, cfg_sha)
+        result.aggregated = [s for s, busy in complete.items() if busy is None]
     return result
 
 
@@ -418,7 +457,6 @@ def _run_pool(todo: list[SlideTask], out_dir: Path, classifier: Any, cfg: Config
             for w in pool.workers:
                 if w.ready and w.task is None and pending:
                     w.task = pending.pop()
-                    (w.task.slide_dir(out_dir) / "slide.json").unlink(missing_ok=True)
                     w.conn.send(w.task)
             for slot in pool.wait(_POLL_S):
                 w = pool.workers[slot]
@@ -433,6 +471,10 @@ def _run_pool(todo: list[SlideTask], out_dir: Path, classifier: Any, cfg: Config
                         raise WsiResponseError(f"worker process could not start: {payload}")
                     elif kind == "environment":
                         raise OutputError(*payload)
+                    elif kind == BUSY:
+                        result.statuses[w.task] = BUSY
+                        log.busy(w.task, payload)
+                        w.task = None
                     else:
                         result.statuses[w.task] = payload["status"]
                         log.slide(w.task, payload)
@@ -455,7 +497,12 @@ def _record_crash(task: SlideTask, out_dir: Path, classifier: Any, cfg: Config, 
         return
     error = SlideReadError(task.path, f"the worker process {_death(exitcode)} while processing this slide")
     try:
-        record = record_failure(task.path, task.slide_id, task.slide_dir(out_dir), classifier, cfg, error)
+        with folder_lock(task.slide_dir(out_dir)):   # the dead worker's lock is free again
+            record = record_failure(task.path, task.slide_id, task.slide_dir(out_dir), classifier, cfg, error)
+    except FolderBusyError as busy:   # another process took the slide over meanwhile
+        result.statuses[task] = BUSY
+        log.busy(task, str(busy))
+        return
     except OSError as exc:
         raise_if_environment(exc, out_dir)
         raise
@@ -486,6 +533,12 @@ class _Log:
             self._write(f"{where}: {record['status']}, {record.get('n_tiles')} tiles"
                         + (f", {total_s:.1f} s" if total_s is not None else ""))
 
+    def busy(self, task: SlideTask, message: str) -> None:
+        self.n += 1
+        self.bar.update(1)
+        self._write(f"[{self.n}/{self.total}] {task.specimen_id}/{task.slide_id}: skipped, in progress elsewhere: "
+                    f"{message}")
+
     def _write(self, line: str) -> None:
         self.bar.write(f"wsi-response: {line}", file=sys.stderr)
 
@@ -506,7 +559,7 @@ def finalize_batch(tasks: Sequence[SlideTask], out_dir: Path, model_sha256: str 
     out_dir = Path(out_dir)
     check_writable(out_dir)
     cfg_sha = config_sha256(cfg)
-    aggregated = set(_aggregate_complete(tasks, (t.specimen_id for t in tasks), out_dir, model_sha256, cfg_sha))
+    complete = _aggregate_complete(tasks, (t.specimen_id for t in tasks), out_dir, model_sha256, cfg_sha)
     slides, timings, tiles = [], [], []
     for t in tasks:
         record = current_slide_record(t.slide_dir(out_dir), t.path, model_sha256, cfg_sha)
@@ -519,7 +572,9 @@ def finalize_batch(tasks: Sequence[SlideTask], out_dir: Path, model_sha256: str 
     specimens = []
     for specimen in dict.fromkeys(t.specimen_id for t in tasks):
         entry: dict[str, Any] = {"specimen_id": specimen, "status": "incomplete"}
-        if specimen in aggregated:
+        if complete.get(specimen):   # another process holds one of its folders
+            entry.update(status=BUSY, error=complete[specimen])
+        elif specimen in complete:
             result = json.loads((out_dir / specimen / "specimen.json").read_text(encoding="utf-8"))
             entry.update(status=result["status"], viable_percent=result["viable_percent"],
                          eortc_tier=(result.get("eortc") or {}).get("tier"))

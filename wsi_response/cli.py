@@ -158,6 +158,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> int:
+    from .locks import FolderBusyError
     from .pipeline import aggregate_specimen
 
     folders = [args.dir] if (args.dir / "slides").is_dir() else sorted(
@@ -167,7 +168,12 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
     code = EXIT_OK
     for folder in folders:
         previous = folder / "specimen.json"
-        result = aggregate_specimen(folder, folder.name)
+        try:
+            result = aggregate_specimen(folder, folder.name)
+        except FolderBusyError as busy:   # the other specimens are still aggregated
+            print(f"wsi-response: error: {busy}", file=sys.stderr)
+            code = EXIT_FAILED
+            continue
         if previous.exists() and not args.quiet:
             print(f"rebuilt {previous}", file=sys.stderr)
         _print_specimen(result, folder.parent, False)
@@ -194,7 +200,8 @@ def _print_batch_summary(summary: dict) -> None:
     for s in summary["specimens"]:
         viable = s.get("viable_percent")
         numbers = f": viable {viable:.1f} %, EORTC-STBSG {s.get('eortc_tier')}" if viable is not None else ""
-        print(f"  specimen {s['specimen_id']} [{s['status']}]{numbers}")
+        busy = f": {s['error']}" if s.get("error") else ""
+        print(f"  specimen {s['specimen_id']} [{s['status']}]{numbers}{busy}")
     if summary["not_done"]:
         print("  run the same command again to finish the slides not done (finished ones are kept)")
 
@@ -231,7 +238,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         print(f"summary: {args.out / SUMMARY_NAME}")
     else:
         print(f"batch task {index} of {count}: {len(result.tasks)} slides, {len(result.skipped)} already done, "
-              f"{len(result.failed)} failed; aggregated: {', '.join(result.aggregated) or 'none yet'}")
+              f"{len(result.failed)} failed, {len(result.busy)} in progress elsewhere; "
+              f"aggregated: {', '.join(result.aggregated) or 'none yet'}")
     return EXIT_FAILED if result.failed else EXIT_OK
 
 

@@ -33,17 +33,18 @@ from .classes import ARTEFACT, CLASSES, COLORS_RGB, QUPATH_NAMES
 from .qc import slide_qc, specimen_qc
 from .config import Config, QcConfig, config_to_dict
 from .errors import OutputError, WsiResponseError
+from .locks import specimen_locks
 from .focus import FocusJob
 from .quantify import SlideAreas, slide_areas_from_tiles, specimen_areas
 from .report import box_thumbnail, heatmap_png, mask_on_thumbnail, overlay_png, render_report
 from .slide import Slide, open_slide
-from .store import TilePredictions, read_tile_store
+from .store import TilePredictions, TileStoreError, read_tile_store
 from .tiling import TileGrid, tile_grid
 from .tissue import Overview, TissueMask, detect_tissue, possible_tissue, read_overview, stained_px
 
 __all__ = ["SCHEMA_VERSION", "unique_slide_ids", "process_slide", "record_failure", "aggregate_specimen",
            "run_specimen", "check_writable", "raise_if_environment", "config_sha256", "source_fingerprint",
-           "current_slide_record"]
+           "current_slide_record", "damaged_store"]
 
 SCHEMA_VERSION = 1
 THUMBNAIL_MAX_PX = 1024
@@ -114,12 +115,25 @@ def current_slide_record(slide_dir: Path, path: str | Path, model_sha256: str | 
     return record if matches else None
 
 
+def damaged_store(slide_dir: Path, record: Mapping[str, Any]) -> str | None:
+    """Why the tile store of the done slide of ``record`` cannot be used (one line), or None when it
+    is intact (or the slide has no tiles). Such a slide is not done: it is redone, the store rebuilt."""
+    if not record.get("n_tiles"):
+        return None
+    try:
+        read_tile_store(slide_dir / "tiles.zarr")
+    except TileStoreError as exc:
+        return str(exc)
+    return None
+
+
 def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: Any, cfg: Config, *,
                   mpp: float | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Run one slide end to end into ``slide_dir``; returns its ``slide.json`` record.
 
     Raises :class:`WsiResponseError` for a bad slide (the caller records it as failed). The
-    slide's old ``slide.json`` and writers' leftover temporary files are removed first.
+    slide's old ``slide.json`` and writers' leftover temporary files are removed first. The caller
+    holds the lock of ``slide_dir`` (:mod:`wsi_response.locks`), as for :func:`record_failure`.
     """
     from .inference import predict
     from .qupath import overlay_features, write_overlay, write_tiles
@@ -295,14 +309,31 @@ def aggregate_specimen(specimen_dir: Path, specimen_id: str, *,
     """(Re)build ``specimen.json`` and ``report.html`` from the per-slide outputs in ``specimen_dir``.
 
     ``slide_ids`` limits (and orders) the slides; by default every ``slides/*/slide.json``.
-    The specimen numbers use the tile stores, so they equal those of a single local run.
+    The specimen numbers use the tile stores, so they equal those of a single local run; a slide
+    whose store is damaged counts as failed, with the store's one-line error. Holds the locks of
+    the specimen folder and of the slide folders it reads (every one by default) while it works;
+    raises :class:`~wsi_response.locks.FolderBusyError` when another process holds one.
     """
+    slides_dir = specimen_dir / "slides"
+    folders = slide_ids if slide_ids is not None else sorted(
+        p.name for p in slides_dir.glob("*") if p.is_dir() and not p.is_symlink())
+    with specimen_locks(specimen_dir, folders, brief=True):
+        return _aggregate_locked(specimen_dir, specimen_id, slide_ids)
+
+
+def _aggregate_locked(specimen_dir: Path, specimen_id: str, slide_ids: Sequence[str] | None) -> dict[str, Any]:
     slides_dir = specimen_dir / "slides"
     if slide_ids is None:
         slide_ids = sorted(p.parent.name for p in slides_dir.glob("*/slide.json"))
     records = [json.loads((slides_dir / sid / "slide.json").read_text()) for sid in slide_ids]
+    tile_areas = []
+    for i, r in enumerate(records):
+        if r["status"] in ("ok", "ok_empty"):
+            try:
+                tile_areas.append(_stored_areas(slides_dir / r["slide_id"], r))
+            except TileStoreError as exc:  # not done either for run and batch (damaged_store): they redo it
+                records[i] = _store_failed(r, exc)
     usable = [r for r in records if r["status"] in ("ok", "ok_empty")]
-    tile_areas = [_stored_areas(slides_dir / r["slide_id"], r) for r in usable]
     specimen = specimen_areas(tile_areas)
     model = next((r["model"] for r in records), {})
     failed = [r for r in records if r["status"] == "failed"]
@@ -346,6 +377,13 @@ def _specimen_slide_entry(record: Mapping[str, Any]) -> dict[str, Any]:
     return entry
 
 
+def _store_failed(record: Mapping[str, Any], error: TileStoreError) -> dict[str, Any]:
+    """``record`` of a done slide whose tile store is damaged, as a failed slide."""
+    qc_cfg = QcConfig(**record["config"]["qc"]) if "qc" in (record.get("config") or {}) else QcConfig()
+    return {**record, "status": "failed", "error": str(error),
+            "qc": slide_qc({"status": "failed", "error": str(error)}, {}, qc_cfg)}
+
+
 def _stored_areas(slide_dir: Path, record: Mapping[str, Any]) -> SlideAreas:
     """Slide areas from the tile store (probabilities and tissue fractions as written)."""
     cell_area = float(record["grid"]["cell_area_mm2"]) if record.get("grid") else 0.0
@@ -361,11 +399,20 @@ def run_specimen(paths: Sequence[str | Path], specimen_id: str, out_dir: Path, c
                  mpp: float | None = None, quiet: bool = False) -> dict[str, Any]:
     """Score every slide of one specimen and aggregate; a failing slide is recorded and skipped.
 
-    Slides already done (a current ``ok``/``ok_empty`` ``slide.json``, same ``mpp`` override) are
-    kept, not redone.
+    Slides already done (a current ``ok``/``ok_empty`` ``slide.json``, same ``mpp`` override, an
+    intact tile store) are kept, not redone. Holds the locks of the specimen folder and of its
+    slides' folders throughout; raises :class:`~wsi_response.locks.FolderBusyError` at once when
+    another process holds one.
     """
     specimen_dir = Path(out_dir) / specimen_id
     check_writable(specimen_dir)
+    with specimen_locks(specimen_dir, unique_slide_ids(paths)):
+        return _run_locked(paths, specimen_id, out_dir, classifier, cfg, mpp=mpp, quiet=quiet)
+
+
+def _run_locked(paths: Sequence[str | Path], specimen_id: str, out_dir: Path, classifier: Any, cfg: Config, *,
+                mpp: float | None = None, quiet: bool = False) -> dict[str, Any]:
+    specimen_dir = Path(out_dir) / specimen_id
     ids = unique_slide_ids(paths)
     cfg_sha = config_sha256(cfg)
     progress = None if quiet else _stderr_progress(len(paths))
@@ -373,7 +420,8 @@ def run_specimen(paths: Sequence[str | Path], specimen_id: str, out_dir: Path, c
         slide_dir = specimen_dir / "slides" / slide_id
         if progress:
             progress.start_slide(index, slide_id)
-        if _finished(current_slide_record(slide_dir, Path(path), classifier.sha256, cfg_sha), mpp):
+        record = current_slide_record(slide_dir, Path(path), classifier.sha256, cfg_sha)
+        if _finished(record, mpp) and not _report_damage(damaged_store(slide_dir, record)):
             continue
         try:
             process_slide(path, slide_id, slide_dir, classifier, cfg, mpp=mpp,
@@ -385,6 +433,12 @@ def run_specimen(paths: Sequence[str | Path], specimen_id: str, out_dir: Path, c
     if progress:
         progress.done()
     return aggregate_specimen(specimen_dir, specimen_id, slide_ids=ids)
+
+
+def _report_damage(problem: str | None) -> str | None:
+    if problem:
+        print(f"wsi-response: {problem}", file=sys.stderr)
+    return problem
 
 
 def _finished(record: Mapping[str, Any] | None, mpp: float | None) -> bool:

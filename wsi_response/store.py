@@ -21,19 +21,28 @@ second (finished chunks are written together every few seconds:
 temporary name and renames it, so a killed run leaves every flagged chunk intact. On restart, a
 store (final or partial) whose metadata differs from the current run's is deleted and
 recomputed, never reused.
+
+Whatever left a store damaged (a crash of the disk or host, a copy cut short, a hand that deleted
+or truncated a file), it is never trusted: every open reads and checks it whole (arrays present
+with the grid's shapes, chunk files readable, the probabilities of every chunk flagged done finite
+and summing to 1). A damaged store being resumed keeps its intact chunks and recomputes the others;
+:func:`read_tile_store` raises :class:`TileStoreError`, one line naming the store.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["TilePredictions", "StoredTiles", "TileStore", "store_metadata", "open_tile_store", "read_tile_store"]
+from .errors import OutputError
+
+__all__ = ["TilePredictions", "StoredTiles", "TileStore", "TileStoreError", "store_metadata", "open_tile_store",
+           "read_tile_store"]
 
 STORE_FORMAT = "wsi-response-tiles/1"
 _ROWS_PER_ZARR_CHUNK = 8192
@@ -88,12 +97,13 @@ def store_metadata(slide: Any, grid: Any, model_sha256: str, class_names: tuple[
 class TileStore:
     """An open tile store being filled chunk by chunk (use :func:`open_tile_store`)."""
 
-    def __init__(self, final_path: Path, group: Any, complete: bool) -> None:
+    def __init__(self, final_path: Path, contents: _Contents, complete: bool) -> None:
         self.final_path = final_path
-        self._group = group
+        self._group = contents.group
         self.complete = complete
-        self._starts = np.asarray(group["chunk_starts"][:])  # this writer alone changes the store:
-        self._done = np.asarray(group["chunk_done"][:]).astype(bool)  # both are kept here, not re-read
+        self._starts = contents.starts  # this writer alone changes the store (it holds the slide
+        self._done = contents.done      # folder's lock): starts, flags and probabilities are kept
+        self._probs = contents.probs    # here, not re-read
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -105,11 +115,11 @@ class TileStore:
         return self._done.copy()
 
     def chunk_probs(self, k: int) -> np.ndarray:
-        return np.asarray(self._group["probs"][int(self._starts[k]):int(self._starts[k + 1])])
+        return self._probs[int(self._starts[k]):int(self._starts[k + 1])].copy()
 
     def probs(self) -> np.ndarray:
         """(N, C) float32 of every tile (rows of chunks not done are NaN)."""
-        return np.asarray(self._group["probs"][:])
+        return self._probs.copy()
 
     def write_chunks(self, chunks: Sequence[int], probs: np.ndarray) -> None:
         """Store the probabilities of the finished ``chunks`` from ``probs`` ``(N, C)`` (every tile
@@ -120,7 +130,9 @@ class TileStore:
             return
         ks = np.asarray(chunks, np.int64)
         start, stop = int(self._starts[ks.min()]), int(self._starts[ks.max() + 1])
-        self._group["probs"][start:stop] = probs[start:stop].astype(np.float32, copy=False)
+        rows = probs[start:stop].astype(np.float32, copy=False)
+        self._group["probs"][start:stop] = rows
+        self._probs[start:stop] = rows
         done = self._done.copy()
         done[ks] = True
         self._group["chunk_done"][:] = done.astype(np.uint8)
@@ -134,6 +146,8 @@ class TileStore:
         if missing:
             raise RuntimeError(f"{self.final_path}: {missing} chunks not done yet")
         self._group.attrs["complete"] = True
+        if self.final_path.exists():  # a damaged store left there (open_tile_store removes it; never reused)
+            shutil.rmtree(self.final_path)
         os.replace(_partial(self.final_path), self.final_path)
         import zarr
 
@@ -147,30 +161,59 @@ def _partial(path: Path) -> Path:
 
 
 def open_tile_store(path: str | os.PathLike, metadata: Mapping[str, Any], grid: Any) -> TileStore:
-    """The store for ``grid`` at ``path``: complete, resumed, or new; stale ones are deleted.
+    """The store for ``grid`` at ``path``: complete, resumed, or new; stale or damaged ones are replaced.
 
-    ``metadata`` comes from :func:`store_metadata`. A complete store at ``path`` whose metadata
-    matches is returned as is (``.complete``). Otherwise a matching ``<path>.partial`` is resumed,
-    and anything else is removed and started afresh.
+    ``metadata`` comes from :func:`store_metadata`. A complete, intact store at ``path`` whose
+    metadata matches is returned as is (``.complete``; a ``<path>.partial`` left beside it is
+    removed). Otherwise an intact matching ``<path>.partial`` is resumed. A store (final or partial)
+    with matching metadata but damage (:func:`_inspect`: missing or unreadable arrays or chunk
+    files, invalid probabilities, arrays not of the grid) is replaced by a new partial store holding
+    its intact done chunks, so only the damaged ones are recomputed; anything else is removed and
+    started afresh. The caller holds the slide folder's lock (:mod:`wsi_response.locks`).
     """
-    import zarr
-
     path = Path(path)
     want = dict(metadata)
-    if path.exists():
-        group = _open_existing(path)
-        if group is not None and _matches(group, want) and group.attrs.get("complete"):
-            return TileStore(path, group, complete=True)
-        shutil.rmtree(path)
     partial = _partial(path)
-    if partial.exists():
-        group = _open_existing(partial)
-        if group is not None and _matches(group, want):
-            for stale in partial.rglob("*.partial"):  # zarr's temporary files of a write that was killed
-                stale.unlink()
-            return TileStore(path, zarr.open_group(str(partial), mode="r+"), complete=False)
-        shutil.rmtree(partial)
-    return TileStore(path, _create(partial, want, grid), complete=False)
+    salvage: _Contents | None = None
+    for candidate in (path, partial):
+        if not candidate.exists():
+            continue
+        contents = _inspect(candidate, want, grid)
+        if contents is not None and not contents.problems:
+            if candidate == path and contents.complete:
+                _remove(partial)
+                return TileStore(path, contents, complete=True)
+            if candidate == partial:
+                for stale in partial.rglob("*.partial"):  # zarr's temporary files of a write that was killed
+                    stale.unlink()
+                return TileStore(path, _reopen(partial, contents), complete=False)
+        if contents is not None and (salvage is None or contents.done.sum() > salvage.done.sum()):
+            salvage = contents
+        _remove(candidate)
+    store = TileStore(path, _fresh(partial, want, grid), complete=False)
+    if salvage is not None and salvage.done.any():
+        store.write_chunks(np.flatnonzero(salvage.done), salvage.probs)
+    return store
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _reopen(path: Path, contents: _Contents) -> _Contents:
+    import zarr
+
+    return replace(contents, group=zarr.open_group(str(path), mode="r+"))
+
+
+def _fresh(path: Path, metadata: Mapping[str, Any], grid: Any) -> _Contents:
+    group = _create(path, metadata, grid)
+    n, k, c = len(grid), int(grid.n_chunks), len(metadata["class_names"])
+    return _Contents(group, np.asarray(grid.chunk_starts, np.int64), np.full((n, c), np.nan, np.float32),
+                     np.zeros(k, bool), complete=False, problems=[])
 
 
 @dataclass(frozen=True)
@@ -184,29 +227,124 @@ class StoredTiles:
 
 
 def read_tile_store(path: str | os.PathLike) -> StoredTiles:
-    """The contents of a complete store."""
-    import zarr
-
-    group = zarr.open_group(str(path), mode="r")
+    """The contents of a complete store; :class:`TileStoreError` (one line naming the store) when it
+    is missing, incomplete or damaged (:func:`_inspect`)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise TileStoreError(path, f"tile store is missing {_REDO}")
+    contents = _inspect(path, None, None)
+    problems = contents.problems if contents is not None else ["its metadata is unreadable or not of a tile store"]
+    if not problems and not contents.complete:
+        problems = [f"incomplete ({int(contents.done.sum())} of {len(contents.done)} chunks done)"]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise TileStoreError(path, f"tile store is damaged: {problems[0]}{more} {_REDO}")
+    group = contents.group
     attrs = dict(group.attrs)
-    return StoredTiles(predictions=TilePredictions(np.asarray(group["probs"][:]), tuple(attrs["class_names"])),
+    return StoredTiles(predictions=TilePredictions(contents.probs, tuple(attrs["class_names"])),
                        cols_rows=np.asarray(group["cols_rows"][:]),
                        tissue_fraction=np.asarray(group["tissue_fraction"][:]),
                        metadata=attrs)
 
 
-def _open_existing(path: Path) -> Any:
+class TileStoreError(OutputError):
+    """A tile store is missing, incomplete or damaged."""
+
+
+_REDO = "(the next run or batch redoes the slide)"
+
+
+@dataclass(frozen=True)
+class _Contents:
+    """What :func:`_inspect` could read of a store: probabilities ``(N, C)`` (NaN where not done or
+    unreadable), the chunks ``done`` whose probabilities are intact, and the ``problems`` found."""
+
+    group: Any
+    starts: np.ndarray   # (K+1,) int64
+    probs: np.ndarray    # (N, C) float32
+    done: np.ndarray     # (K,) bool
+    complete: bool
+    problems: list[str]
+
+
+def _inspect(path: Path, want: Mapping[str, Any] | None, grid: Any) -> _Contents | None:
+    """Read and check a store; None when it is not one of ``want`` (other metadata) or has no
+    readable metadata. ``want``/``grid`` None: checked against its own metadata (reading).
+
+    Problems: an array missing, unreadable or of the wrong shape or dtype; grid arrays other than
+    ``grid``'s; unreadable chunk files; a chunk flagged done whose probabilities are missing, not
+    finite, outside [0, 1] or not summing to 1. A done chunk with a problem is no longer done.
+    """
     import zarr
 
     try:
-        return zarr.open_group(str(path), mode="r")
-    except Exception:  # not a zarr group (or a broken one): recompute
+        group = zarr.open_group(str(path), mode="r")
+        attrs = dict(group.attrs)
+        n, k, c = int(attrs["n_tiles"]), int(attrs["n_chunks"]), len(attrs["class_names"])
+    except Exception:  # no group, unreadable zarr.json, or not our metadata
         return None
+    if attrs.get("format") != STORE_FORMAT or (want is not None and any(attrs.get(key) != v for key, v in want.items())):
+        return None
+    if grid is not None and (n, k) != (len(grid), int(grid.n_chunks)):
+        return None
+    problems: list[str] = []
+    arrays = {}
+    for name, shape, dtype in (("cols_rows", (n, 2), "int32"), ("origins_l0", (n, 2), "float64"),
+                               ("tissue_fraction", (n,), "float32"), ("chunk_starts", (k + 1,), "int64"),
+                               ("probs", (n, c), "float32"), ("chunk_done", (k,), "uint8")):
+        try:
+            array = group[name]
+            found = (tuple(array.shape), str(array.dtype))
+        except Exception as exc:
+            problems.append(f"array {name} is missing or unreadable ({type(exc).__name__})")
+            continue
+        if found != (shape, dtype):
+            problems.append(f"array {name} is {found[1]} {found[0]}, expected {dtype} {shape}")
+            continue
+        arrays[name] = array
+    values = {}
+    for name in ("cols_rows", "origins_l0", "tissue_fraction", "chunk_starts", "chunk_done"):
+        if name in arrays:
+            try:
+                values[name] = np.asarray(arrays[name][:])
+            except Exception as exc:
+                problems.append(f"array {name} has an unreadable chunk file ({type(exc).__name__})")
+    if grid is not None:
+        for name, expected in (("cols_rows", grid.cols_rows), ("origins_l0", grid.origins_l0),
+                               ("tissue_fraction", grid.tissue_fraction), ("chunk_starts", grid.chunk_starts)):
+            if name in values and not np.array_equal(values[name], expected):
+                problems.append(f"array {name} is not that of the tile grid")
+        starts = np.asarray(grid.chunk_starts, np.int64)
+    elif "chunk_starts" in values and values["chunk_starts"][0] == 0 and values["chunk_starts"][-1] == n \
+            and (np.diff(values["chunk_starts"]) >= 0).all():
+        starts = values["chunk_starts"]
+    else:
+        starts = np.linspace(0, n, k + 1).astype(np.int64)  # only to report: nothing is done without chunk_starts
+        values.pop("chunk_done", None)
+        problems.append("array chunk_starts is not a partition of the tiles")
+    probs = np.full((n, c), np.nan, np.float32)
+    if "probs" in arrays:
+        step = max(1, int(arrays["probs"].chunks[0]))
+        for row in range(0, n, step):
+            try:
+                probs[row:row + step] = arrays["probs"][row:row + step]
+            except Exception as exc:
+                problems.append(f"array probs has an unreadable chunk file at row {row} ({type(exc).__name__})")
+    done = values["chunk_done"].astype(bool) if "chunk_done" in values else np.zeros(k, bool)
+    valid = _valid_rows(probs)
+    bad = [i for i in np.flatnonzero(done) if not valid[starts[i]:starts[i + 1]].all()]
+    if bad:
+        problems.append(f"{len(bad)} chunks flagged done have missing or invalid probabilities (first: chunk {bad[0]})")
+        done[bad] = False
+    complete = bool(attrs.get("complete")) and bool(done.all())
+    return _Contents(group, starts, probs, done, complete, problems)
 
 
-def _matches(group: Any, want: Mapping[str, Any]) -> bool:
-    attrs = dict(group.attrs)
-    return all(attrs.get(k) == v for k, v in want.items())
+def _valid_rows(probs: np.ndarray) -> np.ndarray:
+    """(N,) bool: rows that are probabilities (finite, in [0, 1], summing to 1 within 1e-3)."""
+    finite = np.isfinite(probs).all(axis=1)
+    with np.errstate(invalid="ignore"):
+        return finite & ((probs >= 0) & (probs <= 1)).all(axis=1) & (np.abs(probs.sum(axis=1) - 1) <= 1e-3)
 
 
 def _create(path: Path, metadata: Mapping[str, Any], grid: Any) -> Any:
@@ -222,5 +360,5 @@ def _create(path: Path, metadata: Mapping[str, Any], grid: Any) -> Any:
     group.create_array("chunk_starts", data=np.ascontiguousarray(grid.chunk_starts, np.int64))
     group.create_array("probs", shape=(n, c), chunks=(rows, c), dtype="float32", fill_value=np.nan)
     group.create_array("chunk_done", shape=(k,), chunks=(max(1, k),), dtype="uint8", fill_value=0)
-    group.attrs.update({**metadata, "complete": False})
+    group.attrs.update({"format": STORE_FORMAT, "n_tiles": n, "n_chunks": k, **metadata, "complete": False})
     return group
