@@ -70,7 +70,7 @@ DOMAINS: dict[str, Domain] = {d.name: d for d in (
                      ("Fat", 0.6), ("Skeletal muscle", 0.25), ("Blood", 0.1), ("Nerve", 0.05))),
     # lab C: pale, blue haematoxylin and orange-red eosin, cool light, sharpened and noisy,
     # JPEG 70; round-cell and pleomorphic sarcomas, larger nuclei, less cellular
-    Domain("lab-c", ((0.74, 0.64, 0.20), (0.08, 0.78, 0.62), (0.14, 0.72, 0.68)),
+    Domain("lab-c", ((0.70, 0.66, 0.27), (0.10, 0.82, 0.56), (0.14, 0.72, 0.68)),
            h_conc=0.8, e_conc=0.75, jitter=0.12, white_rgb=(234.0, 239.0, 247.0), gamma=1.12,
            gain_rgb=(0.97, 1.0, 1.03), noise_sd=3.5, sharpen=0.6, jpeg_quality=70,
            nuc_scale=1.2, density=0.8,

@@ -267,11 +267,8 @@ def _spindle(rng: np.random.Generator, n: int, um: float, mo: Morphology) -> np.
     """Viable tumor: intersecting fascicles of spindle cells, cigar-shaped nuclei along them."""
     nu = um * mo.nuc_scale
     ky, kx = _wave_vector(rng, n, um, (60, 90), "x")         # fascicle direction drift
-    yy, xx = _grid(n)
     angle = math.atan2(-kx, ky) + 0.9 * periodic_noise(rng, n, 50 * um)  # fascicle direction
-    fibril = np.sin(2 * math.pi * ((xx * np.sin(angle) - yy * np.cos(angle)) / (2.5 * um))
-                    + 2.0 * periodic_noise(rng, n, 8 * um))
-    E = 0.30 + 0.04 * fibril + 0.04 * periodic_noise(rng, n, 12 * um)
+    E = 0.30 + 0.04 * periodic_noise(rng, n, 1.5 * um) + 0.04 * periodic_noise(rng, n, 12 * um)
     H = 0.10 + 0.03 * periodic_noise(rng, n, 5 * um)
     nuc = np.zeros((n, n), f32)
     count = 0.30 * n * n * mo.density / (math.pi * 7.5 * 1.6 * nu * nu)
@@ -366,9 +363,9 @@ def _loose_fibrosis(rng: np.random.Generator, n: int, um: float, mo: Morphology)
     """Fibrosis: loose oedematous stroma, thin wavy fibres with clear gaps, stellate fibroblasts."""
     ky, kx = _wave_vector(rng, n, um, (7, 12), "y")
     yy, xx = _grid(n)
-    phase = (2 * math.pi * (kx * xx + ky * yy) / n + 4.0 * periodic_noise(rng, n, 25 * um)
-             + 1.2 * periodic_noise(rng, n, 5 * um))
-    fibre = np.clip((np.sin(phase) - 0.3) / 0.7, 0, 1)
+    phase = (2 * math.pi * (kx * xx + ky * yy) / n + 6.0 * periodic_noise(rng, n, 18 * um)
+             + 1.5 * periodic_noise(rng, n, 4 * um))
+    fibre = np.clip((np.sin(phase) - 0.3 - 0.3 * periodic_noise(rng, n, 10 * um)) / 0.7, 0, 1)
     E = 0.06 + 0.30 * fibre + 0.03 * periodic_noise(rng, n, 15 * um)
     H = 0.03 + 0.012 * periodic_noise(rng, n, 10 * um)
     nuc = np.zeros((n, n), f32)
