@@ -212,6 +212,8 @@ def _glass_atlas(rng: np.random.Generator, mpp: float) -> np.ndarray:
 
 
 def _downsample_atlas(a: np.ndarray, f: int) -> np.ndarray:
+    if f == 1:  # level 0 uses the atlas itself (no copy: atlases are the largest arrays held)
+        return a
     n = a.shape[0]
     f = min(f, n)
     m = n // f
@@ -472,6 +474,11 @@ class _LevelRenderer:
         x0 %= n
         if y0 + th <= n and x0 + tw <= n:
             return atlas[y0:y0 + th, x0:x0 + tw]
+        if th <= n and tw <= n:  # wraps at most once per axis: join slices
+            ys = [(y0, min(n, y0 + th))] + ([(0, y0 + th - n)] if y0 + th > n else [])
+            xs = [(x0, min(n, x0 + tw))] + ([(0, x0 + tw - n)] if x0 + tw > n else [])
+            return np.concatenate([np.concatenate([atlas[a:b, c:d] for c, d in xs], axis=1)
+                                   for a, b in ys], axis=0)
         ry = (np.arange(y0, y0 + th)) % n
         rx = (np.arange(x0, x0 + tw)) % n
         return atlas[np.ix_(ry, rx)]
@@ -486,15 +493,13 @@ class _LevelRenderer:
             xlo, xhi, *_ = self._interp(x0, T, self.scale, self.art.shape[1])
             if (self.art[ylo:yhi, xlo:xhi] & (1 << ARTEFACTS.index("blur"))).any():
                 halo = int(math.ceil(4 * self.blur_sigma))
-        optics = 0 if self.scanner is None else self.scanner.halo(self.f)
-        n = T + 2 * (halo + optics)
-        od = self._od(y0 - halo - optics, x0 - halo - optics, n, n)
+        n = T + 2 * halo
+        od = self._od(y0 - halo, x0 - halo, n, n)
         rgb = np.exp(od * np.float32(-math.log(10.0))) * np.float32(255.0)
         if halo:
-            rgb = self._blur(rgb, y0 - halo - optics, x0 - halo - optics)
-            rgb = rgb[halo:halo + T + 2 * optics, halo:halo + T + 2 * optics]
+            rgb = self._blur(rgb, y0 - halo, x0 - halo)[halo:halo + T, halo:halo + T]
         if self.scanner is not None:
-            rgb = self.scanner.respond(rgb, self.f, ty, tx, optics)
+            self.scanner.noise(rgb, self.f, ty, tx)
         rgb += np.float32(0.5)
         np.clip(rgb, 0, 255, out=rgb)
         return rgb.astype(np.uint8)
@@ -544,10 +549,10 @@ class _LevelRenderer:
         else:
             od = np.zeros((th, tw, 3), np.float32)
         od += self._gather(self.glass, y0, x0, th, tw)[:, :, None]
-        if self.scanner is not None:
-            od += self.scanner.glass_od
         if self.art is not None:
             self._add_dyes(od, self.art[ylo:yhi, xlo:xhi], self.ink[ylo:yhi, xlo:xhi], iy, ix)
+        if self.scanner is not None:
+            self.scanner.expose(od)
         return od
 
     def _thickness(self, art: np.ndarray, iy, ix) -> np.ndarray:
@@ -805,6 +810,9 @@ def synth_slide(
         scanner = draw_scanner(dom, dom_rng, mpp)
     sh, se = _region_scales(rng, tex, label_um)
     atlases = _build_atlases(rng, mpp, dom, tex, seed)
+    for t, a in enumerate(atlases):  # in place: one atlas copy at a time
+        if scanner is not None and a is not None:
+            atlases[t] = scanner.focus(a)
     glass = _glass_atlas(rng, mpp)
     offsets = ((rng, 7) if dom.legacy else (dom_rng, len(atlases)))
     offsets = offsets[0].integers(0, _atlas_px(mpp) // TILE_PX, (offsets[1], 2)) * TILE_PX

@@ -57,8 +57,8 @@ DOMAINS: dict[str, Domain] = {d.name: d for d in (
     Domain("default", _LEGACY_STAINS),
     # lab B: strong, purple haematoxylin and magenta eosin, warm light, soft focus, JPEG 80;
     # spindle-cell sarcomas, smaller nuclei, cellular
-    Domain("lab-b", ((0.65, 0.70, 0.29), (0.22, 0.93, 0.29), (0.10, 0.75, 0.65)),
-           h_conc=1.15, e_conc=1.2, jitter=0.10, white_rgb=(246.0, 241.0, 232.0), gamma=0.92,
+    Domain("lab-b", ((0.52, 0.80, 0.30), (0.22, 0.93, 0.29), (0.10, 0.75, 0.65)),
+           h_conc=1.15, e_conc=1.2, jitter=0.08, white_rgb=(246.0, 241.0, 232.0), gamma=0.92,
            gain_rgb=(1.0, 0.98, 0.96), noise_sd=2.0, blur_um=0.35, jpeg_quality=80,
            nuc_scale=0.9, density=1.15,
            subtypes=(("Spindle-cell fascicles", 0.55), ("Pleomorphic sheets", 0.25),
@@ -91,8 +91,8 @@ class Scanner:
 
     stains: np.ndarray        # (3, 3) float32 OD per unit concentration (H, E, red cells)
     glass_od: np.ndarray      # (3,) float32 OD added to every pixel (white point vs 240 grey)
-    gamma: float
-    gain: np.ndarray          # (3,) float32
+    gamma: float              # light out = (light in) ** gamma, i.e. OD × gamma
+    gain: np.ndarray          # (3,) float32 colour cast, light × gain
     noise_sd: float           # level 0, 8-bit levels
     blur_l0: float            # defocus sigma, level-0 px
     sharpen: float
@@ -106,32 +106,32 @@ class Scanner:
                 "noise_sd": self.noise_sd, "blur_px": round(self.blur_l0, 3),
                 "sharpen": self.sharpen}
 
-    def halo(self, f: int) -> int:
-        """Extra level px each side a tile needs for the optics filter at level ``f``."""
-        s = self._sigma(f)
-        return int(math.ceil(4 * s)) if s else 0
+    def expose(self, od: np.ndarray) -> None:
+        """White point, gamma and colour cast applied in place to optical density ``od``."""
+        od += self.glass_od
+        od *= np.float32(self.gamma)
+        od -= np.log10(self.gain).astype(np.float32)
 
-    def _sigma(self, f: int) -> float:
-        s = (self.blur_l0 if self.blur_l0 > 0 else SHARPEN_SIGMA_PX * (self.sharpen > 0)) / f
-        return s if s >= 0.3 else 0.0
-
-    def respond(self, rgb: np.ndarray, f: int, ty: int, tx: int, halo: int) -> np.ndarray:
-        """Light ``rgb`` (float32 ``(n, n, 3)``, 0-255, ``halo`` px each side) as the scanner
-        records it, cropped to the tile: optics, gamma, colour cast, sensor noise."""
+    def focus(self, atlas: np.ndarray) -> np.ndarray:
+        """A level-0 texture atlas as the scanner's optics image it: defocus blur or
+        sharpening (periodic, so it is done once per atlas instead of per tile)."""
         from scipy import ndimage
 
-        s = self._sigma(f)
-        if s:
-            soft = ndimage.gaussian_filter(rgb, sigma=(s, s, 0), mode="nearest")
-            rgb = soft if self.blur_l0 > 0 else rgb + self.sharpen * (rgb - soft)
-        if halo:
-            rgb = rgb[halo:-halo, halo:-halo]
-        out = np.float32(255.0) * (np.clip(rgb, 0, 255) / np.float32(255.0)) ** np.float32(
-            self.gamma) * self.gain
+        sigma = self.blur_l0 if self.blur_l0 > 0 else SHARPEN_SIGMA_PX * (self.sharpen > 0)
+        if not sigma:
+            return atlas
+        soft = ndimage.gaussian_filter(atlas, sigma=(sigma, sigma, 0), mode="wrap")
+        if self.blur_l0 > 0:
+            return soft
+        return np.maximum(atlas + np.float32(self.sharpen) * (atlas - soft), 0.0)
+
+    def noise(self, rgb: np.ndarray, f: int, ty: int, tx: int) -> None:
+        """Add sensor (luminance) noise to tile ``(ty, tx)`` of level ``f`` in place; chroma
+        noise would be lost to JPEG 4:2:0 anyway. Level ``f`` averages ``f²`` sensor px."""
         if self.noise_sd > 0:
             rng = np.random.default_rng([self.seed, f, ty, tx])
-            out += rng.standard_normal(out.shape, dtype=np.float32) * np.float32(self.noise_sd / f)
-        return out
+            noise = rng.standard_normal(rgb.shape[:2], dtype=np.float32)
+            rgb += noise[:, :, None] * np.float32(self.noise_sd / f)
 
 
 def draw_scanner(domain: Domain, rng: np.random.Generator, mpp: float) -> Scanner:
@@ -174,7 +174,7 @@ def split_subtypes(rng: np.random.Generator, labels: np.ndarray, domain: Domain,
         left = region.copy()
         left_share = 1.0
         for k in order[:-1]:
-            field = _smooth_noise(rng, labels.shape, region_px * rng.uniform(0.3, 0.7))
+            field = _smooth_noise(rng, labels.shape, region_px * rng.uniform(0.5, 1.0))
             vals = field[left]
             take = int(round(vals.size * min(1.0, share[k] / left_share)))
             if take > 0:
