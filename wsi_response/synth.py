@@ -32,6 +32,11 @@ glass), out-of-focus patches (Gaussian blur of the rendered pixels, sigma ``BLUR
 every level), folds (tissue of double thickness: stain concentration × ``FOLD_THICKNESS``) and
 air bubbles (pale interior, thin dark rim), the last two on tissue only.
 
+Domains (``domain=``, :data:`DOMAINS` in ``synth_domains``) are generator settings as if from
+other labs: staining, scanner, morphology and tissue sub-types per class (``synth_textures``).
+Outside the ``default`` domain, ``<stem>.subtypes.png`` holds the sub-type raster (values: the
+``tid`` of ``synth_textures.SUBTYPES``) and ``truth.json`` its exact areas per class and name.
+
 Memory is bounded: level 0 is never held; tiles are rendered one at a time from per-class
 texture atlases (``ATLAS_UM`` square, at level-0 resolution) and streamed to tifffile.
 Same arguments and seed give a byte-identical slide.
@@ -50,7 +55,7 @@ import numpy as np
 from .atomic import atomic_open, write_atomic
 from .classes import CLASSES, TUMOR_BED, qupath_classification
 from .synth_domains import DOMAINS, Domain, Scanner, draw_scanner, split_subtypes
-from .synth_textures import SUBTYPES, build_atlas, periodic_noise
+from .synth_textures import SUBTYPES, build_atlas, periodic_noise, smooth_noise
 
 __all__ = [
     "LABEL_GLASS",
@@ -96,9 +101,7 @@ _TEXTURE_CLASS = np.array([0] + [1 + CLASSES.index(s.cls) for s in SUBTYPES],
                           dtype=np.uint8)  # texture id -> label value
 
 # Stain optical-density vectors (R, G, B), unit length: haematoxylin, eosin, red blood cells.
-_STAINS = np.array(
-    [[0.60, 0.74, 0.31], [0.17, 0.86, 0.49], [0.12, 0.74, 0.66]], dtype=np.float32
-)
+_STAINS = np.array(DOMAINS["default"].stains, dtype=np.float32)
 _STAINS /= np.linalg.norm(_STAINS, axis=1, keepdims=True)
 _GLASS_OD = float(np.log10(255.0 / 240.0))   # glass ~240 grey
 
@@ -162,20 +165,6 @@ def _write_png_atomic(path: Path, raster: np.ndarray) -> None:
 
     with atomic_open(path) as fh:
         Image.fromarray(raster, mode="L").save(fh, format="PNG")
-
-
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
-    """Zero-mean unit-std smooth noise of correlation length ~``scale`` pixels (float32)."""
-    from skimage.transform import resize
-
-    h, w = shape
-    gh = max(3, int(math.ceil(h / max(scale, 1.0))) + 2)
-    gw = max(3, int(math.ceil(w / max(scale, 1.0))) + 2)
-    coarse = rng.standard_normal((gh, gw))
-    up = resize(coarse, (h, w), order=3, mode="reflect", anti_aliasing=False).astype(np.float32)
-    up -= up.mean()
-    sd = float(up.std())
-    return up / sd if sd > 0 else up
 
 
 # --------------------------------------------------------------------------- texture atlases
@@ -277,7 +266,7 @@ def _build_labels(rng: np.random.Generator, shape: tuple[int, int], label_um: fl
         u = (dx * math.cos(th) + dy * math.sin(th)) / (rx * w / short)
         v = (-dx * math.sin(th) + dy * math.cos(th)) / ry
         env = np.maximum(env, 1.0 - (u * u + v * v))
-    field = env + 0.30 * _smooth_noise(rng, shape, short / 6) + 0.08 * _smooth_noise(
+    field = env + 0.30 * smooth_noise(rng, shape, short / 6) + 0.08 * smooth_noise(
         rng, shape, short / 25)
     margin = max(2, int(0.03 * short))
     border = np.minimum(np.minimum(np.arange(h)[:, None], h - 1 - np.arange(h)[:, None]),
@@ -292,13 +281,13 @@ def _build_labels(rng: np.random.Generator, shape: tuple[int, int], label_um: fl
 
     # classes inside the tissue: quantile thresholds of smooth fields give exact fractions
     reg = _region_px(shape, label_um)
-    o = _smooth_noise(rng, shape, reg * 1.4)
+    o = smooth_noise(rng, shape, reg * 1.4)
     f_other = rng.uniform(0.15, 0.32)
     other = tissue & (o < np.quantile(o[tissue], f_other))
     del o
     bed = tissue & ~other
     tex = np.zeros(shape, np.uint8)
-    v = _smooth_noise(rng, shape, reg)
+    v = smooth_noise(rng, shape, reg)
     vb = v[bed]
     if vb.size and viable_fraction > 0:
         k = int(round(viable_fraction * vb.size))
@@ -308,7 +297,7 @@ def _build_labels(rng: np.random.Generator, shape: tuple[int, int], label_um: fl
         viable = np.zeros(shape, bool)
     del v, vb
     rest = bed & ~viable
-    nf = _smooth_noise(rng, shape, reg * 0.8)
+    nf = smooth_noise(rng, shape, reg * 0.8)
     share = rng.uniform(0.3, 0.7)
     necrosis = rest & (nf > np.quantile(nf[rest], 1 - share)) if rest.any() else rest
     del nf
@@ -316,7 +305,7 @@ def _build_labels(rng: np.random.Generator, shape: tuple[int, int], label_um: fl
     tex[necrosis] = _T_NECROSIS
     tex[rest & ~necrosis] = _T_FIBROSIS
     if other.any():
-        s = _smooth_noise(rng, shape, reg * 0.6)
+        s = smooth_noise(rng, shape, reg * 0.6)
         so = s[other]
         q1, q2 = np.quantile(so, [rng.uniform(0.4, 0.6), rng.uniform(0.75, 0.9)])
         tex[other & (s < q1)] = _T_FAT
@@ -334,7 +323,7 @@ def _region_scales(rng: np.random.Generator, tex: np.ndarray, label_um: float
     fh = rng.uniform(0.82, 1.18, ncomp + 1).astype(np.float32)
     fe = rng.uniform(0.82, 1.18, ncomp + 1).astype(np.float32)
     fh[0] = fe[0] = 1.0
-    drift = 1.0 + 0.06 * _smooth_noise(rng, tex.shape, 2000 / label_um)
+    drift = 1.0 + 0.06 * smooth_noise(rng, tex.shape, 2000 / label_um)
     sh = fh[comps] * drift
     se = fe[comps] * (2.0 - drift)
     sh[comps == 0] = 1.0
@@ -397,7 +386,7 @@ def _build_artefacts(rng: np.random.Generator, tissue: np.ndarray, label_um: flo
         cy, cx = np.argwhere(tissue)[rng.integers(int(tissue.sum()))]
         yy, xx = np.ogrid[:shape[0], :shape[1]]
         d = np.hypot((yy - cy) / rng.uniform(0.7, 1.3), (xx - cx) / rng.uniform(0.7, 1.3)) / r_px
-        art[d + 0.15 * _smooth_noise(rng, shape, r_px) < 1.0] |= bit["blur"]
+        art[d + 0.15 * smooth_noise(rng, shape, r_px) < 1.0] |= bit["blur"]
     if "fold" in kinds:
         half_um = float(np.clip(0.02 * short_um, 15.0, 100.0)) * rng.uniform(0.8, 1.2)
         art[_within(_curve(rng, shape), half_um / label_um) & tissue] |= bit["fold"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .classes import CLASSES
-from .synth_textures import SUBTYPE_BY_NAME
+from .synth_textures import SUBTYPE_BY_NAME, smooth_noise
 
 __all__ = ["Domain", "DOMAINS", "Scanner", "draw_scanner", "split_subtypes"]
 
@@ -159,8 +159,6 @@ def split_subtypes(rng: np.random.Generator, labels: np.ndarray, domain: Domain,
     """Sub-type raster (texture ids) from the class ``labels``: each class's area is cut into
     its domain's sub-types by quantiles of smooth fields, shares jittered per slide (every
     sub-type keeps some area when its class has enough pixels)."""
-    from .synth import _smooth_noise
-
     tex = np.zeros(labels.shape, np.uint8)
     for ci, cls in enumerate(CLASSES):
         region = labels == ci + 1
@@ -174,7 +172,7 @@ def split_subtypes(rng: np.random.Generator, labels: np.ndarray, domain: Domain,
         left = region.copy()
         left_share = 1.0
         for k in order[:-1]:
-            field = _smooth_noise(rng, labels.shape, region_px * rng.uniform(0.5, 1.0))
+            field = smooth_noise(rng, labels.shape, region_px * rng.uniform(0.5, 1.0))
             vals = field[left]
             take = int(round(vals.size * min(1.0, share[k] / left_share)))
             if take > 0:

@@ -16,7 +16,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-__all__ = ["SubType", "SUBTYPES", "SUBTYPE_BY_NAME", "build_atlas", "periodic_noise", "stamp"]
+__all__ = ["SubType", "SUBTYPES", "SUBTYPE_BY_NAME", "build_atlas", "periodic_noise", "smooth_noise",
+           "stamp"]
 
 f32 = np.float32
 
@@ -24,6 +25,20 @@ f32 = np.float32
 class Morphology(Protocol):
     nuc_scale: float   # nuclear size factor
     density: float     # cellularity factor (nuclei per area)
+
+
+def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
+    """Zero-mean unit-std smooth noise of correlation length ~``scale`` pixels (float32)."""
+    from skimage.transform import resize
+
+    h, w = shape
+    gh = max(3, int(math.ceil(h / max(scale, 1.0))) + 2)
+    gw = max(3, int(math.ceil(w / max(scale, 1.0))) + 2)
+    coarse = rng.standard_normal((gh, gw))
+    up = resize(coarse, (h, w), order=3, mode="reflect", anti_aliasing=False).astype(np.float32)
+    up -= up.mean()
+    sd = float(up.std())
+    return up / sd if sd > 0 else up
 
 
 def periodic_noise(rng: np.random.Generator, n: int, scale_px: float) -> np.ndarray:
