@@ -20,6 +20,12 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 MAX_ARRAY_TASKS = 1000  # SLURM's default MaxArraySize is 1001
 
 
+def _synth_domains() -> tuple[str, ...]:
+    from .synth_domains import DOMAINS
+
+    return tuple(DOMAINS)
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
@@ -60,7 +66,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         raise ConfigError(f"--artefacts: unknown {', '.join(unknown)} (choose from {','.join(ARTEFACTS)})")
     truth = synth_specimen(args.out, args.specimen, args.slides, seed=args.seed, size_px=args.size,
                            mpp=args.mpp, viable_fraction=args.viable_fraction, fmt=args.format,
-                           artefacts=artefacts)
+                           artefacts=artefacts, domain=args.domain)
     for slide in truth.slides:
         print(f"{slide.slide_path}  tissue {slide.tissue_area_mm2:.2f} mm²")
     print(f"specimen {truth.specimen_id}: {len(truth.slides)} slides, true viable {truth.viable_percent:.2f} % "
@@ -317,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("svs", "tiff"), default="svs")
     p.add_argument("--artefacts", default="", metavar="KINDS",
                    help="comma-separated artefacts to add: pen,blur,fold,bubble (default none)")
+    p.add_argument("--domain", choices=_synth_domains(), default="default",
+                   help="generator setting: staining, scanner, morphology, tissue sub-types")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("train", help="train a tile classifier from slides and QuPath annotations")

@@ -32,6 +32,11 @@ glass), out-of-focus patches (Gaussian blur of the rendered pixels, sigma ``BLUR
 every level), folds (tissue of double thickness: stain concentration × ``FOLD_THICKNESS``) and
 air bubbles (pale interior, thin dark rim), the last two on tissue only.
 
+Domains (``domain=``, :data:`DOMAINS` in ``synth_domains``) are generator settings as if from
+other labs: staining, scanner, morphology and tissue sub-types per class (``synth_textures``).
+Outside the ``default`` domain, ``<stem>.subtypes.png`` holds the sub-type raster (values: the
+``tid`` of ``synth_textures.SUBTYPES``) and ``truth.json`` its exact areas per class and name.
+
 Memory is bounded: level 0 is never held; tiles are rendered one at a time from per-class
 texture atlases (``ATLAS_UM`` square, at level-0 resolution) and streamed to tifffile.
 Same arguments and seed give a byte-identical slide.
@@ -49,6 +54,8 @@ import numpy as np
 
 from .atomic import atomic_open, write_atomic
 from .classes import CLASSES, TUMOR_BED, qupath_classification
+from .synth_domains import DOMAINS, Domain, Scanner, draw_scanner, split_subtypes
+from .synth_textures import SUBTYPES, build_atlas, periodic_noise, smooth_noise
 
 __all__ = [
     "LABEL_GLASS",
@@ -60,7 +67,9 @@ __all__ = [
     "load_specimen_truth",
     "read_labels",
     "read_artefacts",
+    "read_subtypes",
     "ARTEFACTS",
+    "DOMAINS",
     "INK_RGB",
 ]
 
@@ -85,14 +94,14 @@ BUBBLE_RIM_UM = 8.0        # width of a bubble's dark rim, µm
 BUBBLE_RIM_OD = 0.45       # neutral optical density added on the rim
 _RIM_BIT = 1 << len(ARTEFACTS)  # render-only: the rim part of a bubble
 
-# texture ids (render-only; "other" is a mix of fat, muscle and blood)
+# texture ids of the default domain ("other" is a mix of fat, muscle and blood); other domains
+# use every id of synth_textures.SUBTYPES (the sub-type raster's values)
 _T_GLASS, _T_VIABLE, _T_NECROSIS, _T_FIBROSIS, _T_FAT, _T_MUSCLE, _T_BLOOD = range(7)
-_TEXTURE_CLASS = np.array([0, 1, 2, 3, 4, 4, 4], dtype=np.uint8)  # texture id -> label value
+_TEXTURE_CLASS = np.array([0] + [1 + CLASSES.index(s.cls) for s in SUBTYPES],
+                          dtype=np.uint8)  # texture id -> label value
 
 # Stain optical-density vectors (R, G, B), unit length: haematoxylin, eosin, red blood cells.
-_STAINS = np.array(
-    [[0.60, 0.74, 0.31], [0.17, 0.86, 0.49], [0.12, 0.74, 0.66]], dtype=np.float32
-)
+_STAINS = np.array(DOMAINS["default"].stains, dtype=np.float32)
 _STAINS /= np.linalg.norm(_STAINS, axis=1, keepdims=True)
 _GLASS_OD = float(np.log10(255.0 / 240.0))   # glass ~240 grey
 
@@ -117,6 +126,9 @@ class SlideTruth:
     artefacts_path: Path | None = None      # bit raster (see ARTEFACTS); None without artefacts
     artefact_areas_mm2: dict[str, float] = field(default_factory=dict)         # whole mask, per kind
     artefact_tissue_areas_mm2: dict[str, float] = field(default_factory=dict)  # on tissue, per kind
+    domain: str = "default"
+    subtypes_path: Path | None = None       # sub-type raster; None in the default domain
+    subtype_areas_mm2: dict[str, dict[str, float]] = field(default_factory=dict)  # class -> name
 
     @property
     def tumor_bed_area_mm2(self) -> float:
@@ -155,60 +167,6 @@ def _write_png_atomic(path: Path, raster: np.ndarray) -> None:
         Image.fromarray(raster, mode="L").save(fh, format="PNG")
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
-    """Zero-mean unit-std smooth noise of correlation length ~``scale`` pixels (float32)."""
-    from skimage.transform import resize
-
-    h, w = shape
-    gh = max(3, int(math.ceil(h / max(scale, 1.0))) + 2)
-    gw = max(3, int(math.ceil(w / max(scale, 1.0))) + 2)
-    coarse = rng.standard_normal((gh, gw))
-    up = resize(coarse, (h, w), order=3, mode="reflect", anti_aliasing=False).astype(np.float32)
-    up -= up.mean()
-    sd = float(up.std())
-    return up / sd if sd > 0 else up
-
-
-def _periodic_noise(rng: np.random.Generator, n: int, scale_px: float) -> np.ndarray:
-    """Tileable (periodic) smooth noise on an ``n x n`` grid, zero mean, unit std (float32)."""
-    from scipy import fft as sfft
-
-    white = rng.standard_normal((n, n), dtype=np.float32)
-    fy = np.fft.fftfreq(n).astype(np.float32)
-    fx = np.fft.rfftfreq(n).astype(np.float32)
-    k2 = fy[:, None] ** 2 + fx[None, :] ** 2
-    sigma = max(scale_px, 0.5)
-    filt = np.exp(np.float32(-2.0 * math.pi**2 * sigma**2) * k2)
-    out = sfft.irfft2(sfft.rfft2(white) * filt, s=(n, n)).astype(np.float32)
-    out -= out.mean()
-    sd = float(out.std())
-    return out / sd if sd > 0 else out
-
-
-def _stamp(canvas: np.ndarray, cy: float, cx: float, ry: float, rx: float, theta: float,
-           value: float, soft: float = 1.0, mode: str = "max") -> None:
-    """Draw a soft-edged ellipse into a periodic 2-D ``canvas`` (wraps around the edges)."""
-    n = canvas.shape[0]
-    r = max(ry, rx) + 2.0 * soft + 1.0
-    y0, y1 = int(math.floor(cy - r)), int(math.ceil(cy + r)) + 1
-    x0, x1 = int(math.floor(cx - r)), int(math.ceil(cx + r)) + 1
-    yy = np.arange(y0, y1, dtype=np.float32)[:, None] - cy
-    xx = np.arange(x0, x1, dtype=np.float32)[None, :] - cx
-    c, s = math.cos(theta), math.sin(theta)
-    u = (xx * c + yy * s) / max(rx, 0.3)
-    v = (-xx * s + yy * c) / max(ry, 0.3)
-    d = np.sqrt(u * u + v * v)  # 1 on the ellipse border
-    edge = soft / max(min(rx, ry), 0.3)
-    a = np.clip((1.0 - d) / max(edge, 1e-3) + 0.5, 0.0, 1.0) * value
-    rows = np.arange(y0, y1) % n
-    cols = np.arange(x0, x1) % n
-    sub = canvas[np.ix_(rows, cols)]
-    if mode == "max":
-        canvas[np.ix_(rows, cols)] = np.maximum(sub, a)
-    else:  # "add"
-        canvas[np.ix_(rows, cols)] = sub + a
-
-
 # --------------------------------------------------------------------------- texture atlases
 
 
@@ -216,169 +174,35 @@ def _atlas_px(mpp: float) -> int:
     return int(2 ** int(np.clip(round(math.log2(ATLAS_UM / mpp)), 9, 11)))
 
 
-def _build_atlases(rng: np.random.Generator, mpp: float) -> list[np.ndarray | None]:
-    """Per texture id, an (A, A, 3) float32 stain-concentration atlas (H, E, RBC), periodic."""
+def _build_atlases(rng: np.random.Generator, mpp: float, domain: Domain, tex: np.ndarray,
+                   seed: int) -> list[np.ndarray | None]:
+    """Per texture id, an (A, A, 3) float32 stain-concentration atlas (H, E, RBC), periodic.
+    The default domain draws the original six from ``rng``; other domains draw the sub-types
+    present in ``tex``, each from its own stream of ``seed``."""
     n = _atlas_px(mpp)
     um = 1.0 / mpp  # px per µm
-    atl: list[np.ndarray | None] = [None] * 7
-    f32 = np.float32
-
-    def blank() -> np.ndarray:
-        return np.zeros((n, n), f32)
-
-    # viable tumor: crowded, pleomorphic, hyperchromatic nuclei on purple-pink cytoplasm
-    H = 0.16 + 0.04 * _periodic_noise(rng, n, 4 * um)
-    E = 0.30 + 0.05 * _periodic_noise(rng, n, 2 * um) + 0.04 * _periodic_noise(rng, n, 15 * um)
-    nuc = blank()
-    target = 0.42 * n * n
-    area = 0.0
-    while area < target:
-        big = rng.random() < 0.04
-        rmaj = (rng.uniform(9, 14) if big else rng.uniform(3.2, 7.5)) * um
-        rmin = rmaj * rng.uniform(0.55, 1.0)
-        val = rng.uniform(0.85, 1.5)
-        _stamp(nuc, rng.uniform(0, n), rng.uniform(0, n), rmin, rmaj, rng.uniform(0, math.pi),
-               val, soft=0.6 * um)
-        area += math.pi * rmaj * rmin * 0.8
-    chrom = 1.0 + 0.25 * _periodic_noise(rng, n, 0.6 * um)
-    nucleoli = blank()
-    for _ in range(int(0.15 * target / (math.pi * (4.5 * um) ** 2))):
-        _stamp(nucleoli, rng.uniform(0, n), rng.uniform(0, n), 0.7 * um, 0.8 * um, 0.0, 0.6,
-               soft=0.3 * um)
-    nmask = np.clip(nuc / 0.8, 0, 1)
-    H = H * (1 - nmask) + nuc * chrom + nucleoli * (nuc > 0.5)
-    E = E * (1 - 0.5 * nmask)
-    atl[_T_VIABLE] = np.stack([H, E, np.zeros_like(H)], -1).astype(f32)
-
-    # necrosis: eosinophilic granular ghost-cell background, nuclear dust, no crisp nuclei
-    E = (0.44 + 0.08 * _periodic_noise(rng, n, 1.2 * um) + 0.06 * _periodic_noise(rng, n, 10 * um))
-    H = 0.07 + 0.02 * _periodic_noise(rng, n, 6 * um)
-    ghost = blank()
-    for _ in range(int(0.5 * n * n / (math.pi * (6 * um) ** 2))):
-        r = rng.uniform(4, 7) * um
-        _stamp(ghost, rng.uniform(0, n), rng.uniform(0, n), r * rng.uniform(0.7, 1), r,
-               rng.uniform(0, math.pi), rng.uniform(0.5, 1.0), soft=1.5 * um)
-    dust = blank()
-    for _ in range(int(n * n / (30 * um) ** 2 * 6)):
-        cy, cx = rng.uniform(0, n), rng.uniform(0, n)
-        for _k in range(int(rng.integers(1, 5))):  # small clusters of fragments
-            r = rng.uniform(0.4, 1.3) * um
-            _stamp(dust, cy + rng.normal(0, 2.5 * um), cx + rng.normal(0, 2.5 * um), r, r, 0.0,
-                   rng.uniform(0.9, 1.6), soft=0.3 * um)
-    H = H + 0.06 * ghost + dust
-    E = E - 0.07 * ghost + 0.05 * np.clip(1 - ghost, 0, 1)
-    atl[_T_NECROSIS] = np.stack([H, E, np.zeros_like(H)], -1).astype(f32)
-
-    # fibrosis: wavy collagen bundles, sparse elongated nuclei along the fibres
-    span_um = n / um
-    ang = rng.uniform(0, math.pi)
-    cyc = span_um / rng.uniform(5, 8)                        # bundle spacing 5-8 µm
-    ky, kx = round(cyc * math.sin(ang)), round(cyc * math.cos(ang))
-    if kx == 0 and ky == 0:
-        kx = 1
-    yy, xx = np.mgrid[0:n, 0:n].astype(f32)
-    phase = (2 * math.pi * (kx * xx + ky * yy) / n + 3.0 * _periodic_noise(rng, n, 30 * um)
-             + 0.7 * _periodic_noise(rng, n, 6 * um))
-    fib = 0.5 + 0.5 * np.sin(phase)
-    fine = 0.5 + 0.5 * np.sin(3 * phase + 1.2 * _periodic_noise(rng, n, 3 * um))
-    cleft = np.clip((np.sin(0.5 * phase + 1.0) - 0.93) / 0.07, 0, 1)
-    E = (0.30 + 0.12 * fib + 0.07 * fine + 0.05 * _periodic_noise(rng, n, 2 * um)
-         + 0.04 * _periodic_noise(rng, n, 20 * um)) * (1 - 0.6 * cleft)
-    H = 0.04 + 0.02 * _periodic_noise(rng, n, 6 * um)
-    nuc = blank()
-    fibre_dir = math.atan2(-kx, ky)  # along the stripes
-    for _ in range(int(n * n / (45 * um) ** 2)):
-        _stamp(nuc, rng.uniform(0, n), rng.uniform(0, n), rng.uniform(0.9, 1.6) * um,
-               rng.uniform(5, 9) * um, fibre_dir + rng.normal(0, 0.15), rng.uniform(0.8, 1.2),
-               soft=0.5 * um)
-    H = H + nuc
-    E = E * (1 - 0.4 * np.clip(nuc, 0, 1))
-    atl[_T_FIBROSIS] = np.stack([H, E, np.zeros_like(H)], -1).astype(f32)
-
-    # fat: polygonal clear vacuoles with thin pink membranes (periodic Voronoi)
-    cell = rng.uniform(28, 40) * um
-    g = max(2, int(round(n / cell)))
-    pts = (np.stack(np.meshgrid(np.arange(g), np.arange(g), indexing="ij"), -1).reshape(-1, 2)
-           + 0.5 + rng.uniform(-0.35, 0.35, (g * g, 2))) * (n / g)
-    d1 = np.full((n, n), np.inf, f32)
-    d2 = np.full((n, n), np.inf, f32)
-    ax = np.arange(n, dtype=f32)
-    for py, px in pts:
-        dy = np.abs(ax - py)
-        dy = np.minimum(dy, n - dy)
-        dx = np.abs(ax - px)
-        dx = np.minimum(dx, n - dx)
-        d = np.sqrt(dy[:, None] ** 2 + dx[None, :] ** 2)
-        d2 = np.minimum(d2, np.maximum(d1, d))
-        d1 = np.minimum(d1, d)
-    t = 1.3 * um
-    memb = np.exp(-(((d2 - d1) / (2 * t)) ** 2)).astype(f32)
-    E = 0.05 + 0.55 * memb * (1 + 0.2 * _periodic_noise(rng, n, 3 * um))
-    H = 0.015 + 0.06 * memb
-    nuc = blank()
-    for py, px in pts[rng.random(len(pts)) < 0.15]:
-        _stamp(nuc, py + cell / 2, px, 1.0 * um, 4.0 * um, rng.uniform(0, math.pi), 0.9,
-               soft=0.4 * um)
-    H = H + nuc * memb
-    atl[_T_FAT] = np.stack([H, E, np.zeros_like(H)], -1).astype(f32)
-
-    # skeletal muscle: deep pink fibres with cross striations and peripheral nuclei
-    ang = rng.uniform(0, math.pi)
-    cyc = span_um / rng.uniform(18, 26)                       # fibre width ~20 µm
-    ky, kx = round(cyc * math.sin(ang)), round(cyc * math.cos(ang))
-    if kx == 0 and ky == 0:
-        ky = 1
-    m = max(1, round((span_um / 2.6) / max(math.hypot(kx, ky), 1)))  # striations ~2.6 µm
-    band = np.sin(2 * math.pi * (kx * xx + ky * yy) / n + 0.8 * _periodic_noise(rng, n, 40 * um))
-    body = np.clip((band + 0.75) / 0.25, 0, 1)
-    stri = 0.5 + 0.5 * np.sin(2 * math.pi * m * (-ky * xx + kx * yy) / n)
-    E = 0.12 + body * (0.50 + 0.07 * stri + 0.04 * _periodic_noise(rng, n, 5 * um))
-    H = 0.03 + 0.02 * body
-    nuc = blank()
-    fibre_dir = math.atan2(kx, -ky) if (kx or ky) else 0.0
-    edge = np.argwhere((np.abs(band + 0.6) < 0.05)[::8, ::8]) * 8
-    if len(edge):
-        for i in rng.choice(len(edge), size=min(len(edge), int(n * n / (40 * um) ** 2)),
-                            replace=False):
-            _stamp(nuc, edge[i][0], edge[i][1], 1.2 * um, 5 * um, fibre_dir, 1.0, soft=0.5 * um)
-    H = H + nuc
-    atl[_T_MUSCLE] = np.stack([H, E, np.zeros_like(H)], -1).astype(f32)
-
-    # blood: packed red cells with central pallor, few leukocytes
-    X = 0.25 + 0.05 * _periodic_noise(rng, n, 8 * um)
-    rbc = blank()
-    for _ in range(int(0.9 * n * n / (math.pi * (3.6 * um) ** 2))):
-        r = rng.uniform(3.2, 3.9) * um
-        cy, cx = rng.uniform(0, n), rng.uniform(0, n)
-        _stamp(rbc, cy, cx, r * rng.uniform(0.85, 1), r, rng.uniform(0, math.pi), 0.55,
-               soft=0.6 * um)
-        _stamp(rbc, cy, cx, 0.4 * r, 0.4 * r, 0.0, -0.15, soft=0.8 * um, mode="add")
-    X = X + np.clip(rbc, 0, None)
-    H = 0.03 + 0.01 * _periodic_noise(rng, n, 4 * um)
-    nuc = blank()
-    for _ in range(int(n * n / (60 * um) ** 2)):
-        cy, cx = rng.uniform(0, n), rng.uniform(0, n)
-        for _k in range(3):  # lobated leukocyte nucleus
-            _stamp(nuc, cy + rng.normal(0, 1.3 * um), cx + rng.normal(0, 1.3 * um), 1.5 * um,
-                   1.8 * um, rng.uniform(0, math.pi), 1.1, soft=0.4 * um)
-    H = H + nuc
-    E = 0.06 + 0.2 * np.clip(rbc, 0, 1)
-    atl[_T_BLOOD] = np.stack([H, E, X], -1).astype(f32)
-
-    for a in atl:
-        if a is not None:
-            np.clip(a, 0.0, 3.0, out=a)
+    atl: list[np.ndarray | None] = [None] * (1 + len(SUBTYPES))
+    if domain.legacy:
+        for t in range(1, 7):
+            atl[t] = build_atlas(t, rng, n, um, domain)
+        return atl
+    for t in np.unique(tex):
+        if t != _T_GLASS:
+            t_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7300, int(t)]))
+            atl[t] = build_atlas(int(t), t_rng, n, um, domain)
     return atl
 
 
 def _glass_atlas(rng: np.random.Generator, mpp: float) -> np.ndarray:
     """(A, A) float32 background optical density: glass ~240 with faint noise."""
     n = _atlas_px(mpp)
-    return (_GLASS_OD + 0.0035 * _periodic_noise(rng, n, 0.7)
-            + 0.003 * _periodic_noise(rng, n, 30 / mpp)).astype(np.float32)
+    return (_GLASS_OD + 0.0035 * periodic_noise(rng, n, 0.7)
+            + 0.003 * periodic_noise(rng, n, 30 / mpp)).astype(np.float32)
 
 
 def _downsample_atlas(a: np.ndarray, f: int) -> np.ndarray:
+    if f == 1:  # level 0 uses the atlas itself (no copy: atlases are the largest arrays held)
+        return a
     n = a.shape[0]
     f = min(f, n)
     m = n // f
@@ -398,6 +222,27 @@ def _drop_small(mask: np.ndarray, min_px: int) -> np.ndarray:
     keep = sizes >= min_px
     keep[0] = False
     return keep[comps]
+
+
+def _region_px(shape: tuple[int, int], label_um: float) -> float:
+    """Correlation length (label px) of the class regions of a label raster of ``shape``."""
+    return float(np.clip(min(shape) / 5, 150 / label_um, 1200 / label_um))
+
+
+def _subtype_truth(tex: np.ndarray, path: Path, px_mm2: float) -> dict:
+    """Write the sub-type raster to ``path``; its ``truth.json`` entries (exact areas)."""
+    _write_png_atomic(path, tex)
+    counts = np.bincount(tex.ravel(), minlength=1 + len(SUBTYPES))
+    areas: dict[str, dict[str, float]] = {c: {} for c in CLASSES}
+    for s in SUBTYPES:
+        if counts[s.tid]:
+            areas[s.cls][s.name] = float(counts[s.tid]) * px_mm2
+    return {
+        "subtypes_path": path.name,
+        "subtype_values": {str(s.tid): s.name for s in SUBTYPES},
+        "subtype_pixel_counts": {s.name: int(counts[s.tid]) for s in SUBTYPES if counts[s.tid]},
+        "subtype_areas_mm2": areas,
+    }
 
 
 def _build_labels(rng: np.random.Generator, shape: tuple[int, int], label_um: float,
@@ -421,7 +266,7 @@ def _build_labels(rng: np.random.Generator, shape: tuple[int, int], label_um: fl
         u = (dx * math.cos(th) + dy * math.sin(th)) / (rx * w / short)
         v = (-dx * math.sin(th) + dy * math.cos(th)) / ry
         env = np.maximum(env, 1.0 - (u * u + v * v))
-    field = env + 0.30 * _smooth_noise(rng, shape, short / 6) + 0.08 * _smooth_noise(
+    field = env + 0.30 * smooth_noise(rng, shape, short / 6) + 0.08 * smooth_noise(
         rng, shape, short / 25)
     margin = max(2, int(0.03 * short))
     border = np.minimum(np.minimum(np.arange(h)[:, None], h - 1 - np.arange(h)[:, None]),
@@ -435,14 +280,14 @@ def _build_labels(rng: np.random.Generator, shape: tuple[int, int], label_um: fl
     del field, env
 
     # classes inside the tissue: quantile thresholds of smooth fields give exact fractions
-    reg = float(np.clip(short / 5, 150 / label_um, 1200 / label_um))
-    o = _smooth_noise(rng, shape, reg * 1.4)
+    reg = _region_px(shape, label_um)
+    o = smooth_noise(rng, shape, reg * 1.4)
     f_other = rng.uniform(0.15, 0.32)
     other = tissue & (o < np.quantile(o[tissue], f_other))
     del o
     bed = tissue & ~other
     tex = np.zeros(shape, np.uint8)
-    v = _smooth_noise(rng, shape, reg)
+    v = smooth_noise(rng, shape, reg)
     vb = v[bed]
     if vb.size and viable_fraction > 0:
         k = int(round(viable_fraction * vb.size))
@@ -452,7 +297,7 @@ def _build_labels(rng: np.random.Generator, shape: tuple[int, int], label_um: fl
         viable = np.zeros(shape, bool)
     del v, vb
     rest = bed & ~viable
-    nf = _smooth_noise(rng, shape, reg * 0.8)
+    nf = smooth_noise(rng, shape, reg * 0.8)
     share = rng.uniform(0.3, 0.7)
     necrosis = rest & (nf > np.quantile(nf[rest], 1 - share)) if rest.any() else rest
     del nf
@@ -460,7 +305,7 @@ def _build_labels(rng: np.random.Generator, shape: tuple[int, int], label_um: fl
     tex[necrosis] = _T_NECROSIS
     tex[rest & ~necrosis] = _T_FIBROSIS
     if other.any():
-        s = _smooth_noise(rng, shape, reg * 0.6)
+        s = smooth_noise(rng, shape, reg * 0.6)
         so = s[other]
         q1, q2 = np.quantile(so, [rng.uniform(0.4, 0.6), rng.uniform(0.75, 0.9)])
         tex[other & (s < q1)] = _T_FAT
@@ -478,7 +323,7 @@ def _region_scales(rng: np.random.Generator, tex: np.ndarray, label_um: float
     fh = rng.uniform(0.82, 1.18, ncomp + 1).astype(np.float32)
     fe = rng.uniform(0.82, 1.18, ncomp + 1).astype(np.float32)
     fh[0] = fe[0] = 1.0
-    drift = 1.0 + 0.06 * _smooth_noise(rng, tex.shape, 2000 / label_um)
+    drift = 1.0 + 0.06 * smooth_noise(rng, tex.shape, 2000 / label_um)
     sh = fh[comps] * drift
     se = fe[comps] * (2.0 - drift)
     sh[comps == 0] = 1.0
@@ -541,7 +386,7 @@ def _build_artefacts(rng: np.random.Generator, tissue: np.ndarray, label_um: flo
         cy, cx = np.argwhere(tissue)[rng.integers(int(tissue.sum()))]
         yy, xx = np.ogrid[:shape[0], :shape[1]]
         d = np.hypot((yy - cy) / rng.uniform(0.7, 1.3), (xx - cx) / rng.uniform(0.7, 1.3)) / r_px
-        art[d + 0.15 * _smooth_noise(rng, shape, r_px) < 1.0] |= bit["blur"]
+        art[d + 0.15 * smooth_noise(rng, shape, r_px) < 1.0] |= bit["blur"]
     if "fold" in kinds:
         half_um = float(np.clip(0.02 * short_um, 15.0, 100.0)) * rng.uniform(0.8, 1.2)
         art[_within(_curve(rng, shape), half_um / label_um) & tissue] |= bit["fold"]
@@ -570,7 +415,7 @@ class _LevelRenderer:
     def __init__(self, f: int, dims: tuple[int, int], ds: int, tex: np.ndarray, sh: np.ndarray,
                  se: np.ndarray, atlases: list[np.ndarray | None], glass: np.ndarray,
                  offsets: np.ndarray, art: np.ndarray | None = None, ink: np.ndarray | None = None,
-                 blur_sigma_l0: float = 0.0) -> None:
+                 blur_sigma_l0: float = 0.0, scanner: Scanner | None = None) -> None:
         self.f = f
         self.w, self.h = dims
         grids = [tex, sh, se] + ([art, ink] if art is not None else [None, None])
@@ -587,7 +432,8 @@ class _LevelRenderer:
         self.atlases = [None if a is None else _downsample_atlas(a, f) for a in atlases]
         self.glass = _downsample_atlas(glass, f)
         self.offsets = [(int(oy) // f, int(ox) // f) for oy, ox in offsets]
-        self.stain = _STAINS
+        self.scanner = scanner
+        self.stain = _STAINS if scanner is None else scanner.stains
 
     @staticmethod
     def _interp(start: int, n_out: int, scale: float, n_grid: int):
@@ -617,6 +463,11 @@ class _LevelRenderer:
         x0 %= n
         if y0 + th <= n and x0 + tw <= n:
             return atlas[y0:y0 + th, x0:x0 + tw]
+        if th <= n and tw <= n:  # wraps at most once per axis: join slices
+            ys = [(y0, min(n, y0 + th))] + ([(0, y0 + th - n)] if y0 + th > n else [])
+            xs = [(x0, min(n, x0 + tw))] + ([(0, x0 + tw - n)] if x0 + tw > n else [])
+            return np.concatenate([np.concatenate([atlas[a:b, c:d] for c, d in xs], axis=1)
+                                   for a, b in ys], axis=0)
         ry = (np.arange(y0, y0 + th)) % n
         rx = (np.arange(x0, x0 + tw)) % n
         return atlas[np.ix_(ry, rx)]
@@ -636,6 +487,8 @@ class _LevelRenderer:
         rgb = np.exp(od * np.float32(-math.log(10.0))) * np.float32(255.0)
         if halo:
             rgb = self._blur(rgb, y0 - halo, x0 - halo)[halo:halo + T, halo:halo + T]
+        if self.scanner is not None:
+            self.scanner.noise(rgb, self.f, ty, tx)
         rgb += np.float32(0.5)
         np.clip(rgb, 0, 255, out=rgb)
         return rgb.astype(np.uint8)
@@ -687,6 +540,8 @@ class _LevelRenderer:
         od += self._gather(self.glass, y0, x0, th, tw)[:, :, None]
         if self.art is not None:
             self._add_dyes(od, self.art[ylo:yhi, xlo:xhi], self.ink[ylo:yhi, xlo:xhi], iy, ix)
+        if self.scanner is not None:
+            self.scanner.expose(od)
         return od
 
     def _thickness(self, art: np.ndarray, iy, ix) -> np.ndarray:
@@ -821,30 +676,27 @@ def _polygons(geom) -> list:
     return []
 
 
-def _feature(geom, cls: str, locked: bool = False) -> dict:
+def _feature(geom, cls: str, name: str | None = None, locked: bool = False) -> dict:
     import shapely
 
     gj = json.loads(shapely.to_geojson(geom))
-    return {
-        "type": "Feature",
-        "geometry": gj,
-        "properties": {
-            "objectType": "annotation",
-            "classification": qupath_classification(cls),
-            "isLocked": locked,
-        },
-    }
+    props: dict = {"objectType": "annotation"}
+    if name is not None:
+        props["name"] = name
+    props.update(classification=qupath_classification(cls), isLocked=locked)
+    return {"type": "Feature", "geometry": gj, "properties": props}
 
 
-def _annotations(rng: np.random.Generator, labels: np.ndarray, ds: int, mpp: float
-                 ) -> tuple[dict, dict]:
+def _annotations(rng: np.random.Generator, raster: np.ndarray, ds: int, mpp: float,
+                 regions: Sequence[tuple[int, str, str | None]]) -> tuple[dict, dict]:
+    """Full and partial annotations of the ``regions`` (raster value, class, name or None)."""
     import shapely
 
     full, partial = [], []
-    for ci, cls in enumerate(CLASSES):
-        polys = _polygons(_class_geometry(labels, ci + 1, ds))
+    for value, cls, name in regions:
+        polys = _polygons(_class_geometry(raster, value, ds))
         for p in polys:
-            full.append(_feature(p, cls))
+            full.append(_feature(p, cls, name))
         if not polys:
             continue
         largest = max(range(len(polys)), key=lambda i: polys[i].area)
@@ -870,7 +722,7 @@ def _annotations(rng: np.random.Generator, labels: np.ndarray, ds: int, mpp: flo
             part = shapely.make_valid(core.intersection(blob))
             for q in _polygons(part):
                 if q.area > 0:
-                    partial.append(_feature(q, cls))
+                    partial.append(_feature(q, cls, name))
     return ({"type": "FeatureCollection", "features": full},
             {"type": "FeatureCollection", "features": partial})
 
@@ -894,8 +746,9 @@ def synth_slide(
     viable_fraction: float | None = None,
     fmt: str = "svs",
     tile_px: int = 256,
-    jpeg_quality: int = 90,
+    jpeg_quality: int | None = None,
     artefacts: Sequence[str] = (),
+    domain: str = "default",
 ) -> SlideTruth:
     """Write a synthetic H&E slide at ``path`` and its ground-truth files beside it.
 
@@ -903,9 +756,16 @@ def synth_slide(
     ``viable_fraction`` is the target viable / (viable + necrosis + fibrosis) in [0, 1]
     (``None``: drawn from ``seed``); ``fmt`` is ``"svs"`` (Aperio) or ``"tiff"`` (generic TIFF,
     MPP in resolution tags only); ``artefacts`` is a subset of :data:`ARTEFACTS`, drawn from
-    ``seed`` (none: the same bytes as without the argument). Returns the :class:`SlideTruth`
-    (areas exact, from the label and artefact rasters).
+    ``seed`` (none: the same bytes as without the argument); ``domain`` names a generator
+    setting of :data:`DOMAINS` (staining, scanner, morphology, tissue sub-types; ``jpeg_quality``
+    ``None``: the domain's). Returns the :class:`SlideTruth` (areas exact, from the label and
+    artefact rasters; per sub-type too outside the default domain).
     """
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; choose from {', '.join(DOMAINS)}")
+    dom = DOMAINS[domain]
+    if jpeg_quality is None:
+        jpeg_quality = dom.jpeg_quality
     if fmt not in ("svs", "tiff"):
         raise ValueError(f"fmt must be 'svs' or 'tiff', not {fmt!r}")
     artefacts = tuple(artefacts)
@@ -932,10 +792,19 @@ def synth_slide(
     lshape = (-(-H // ds), -(-W // ds))
     tex = _build_labels(rng, lshape, label_um, viable_fraction)
     labels = _TEXTURE_CLASS[tex]
+    scanner = None
+    if not dom.legacy:  # own random stream: the default domain is unchanged
+        dom_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7200]))
+        tex = split_subtypes(dom_rng, labels, dom, _region_px(lshape, label_um))
+        scanner = draw_scanner(dom, dom_rng, mpp)
     sh, se = _region_scales(rng, tex, label_um)
-    atlases = _build_atlases(rng, mpp)
+    atlases = _build_atlases(rng, mpp, dom, tex, seed)
+    for t, a in enumerate(atlases):  # in place: one atlas copy at a time
+        if scanner is not None and a is not None:
+            atlases[t] = scanner.focus(a)
     glass = _glass_atlas(rng, mpp)
-    offsets = rng.integers(0, _atlas_px(mpp) // TILE_PX, (7, 2)) * TILE_PX
+    offsets = ((rng, 7) if dom.legacy else (dom_rng, len(atlases)))
+    offsets = offsets[0].integers(0, _atlas_px(mpp) // TILE_PX, (offsets[1], 2)) * TILE_PX
     art = ink = None
     if artefacts:  # own random stream: the slide without artefacts is unchanged
         art_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 9001]))
@@ -944,7 +813,7 @@ def synth_slide(
     factors = _level_factors(W, H)
     renderers = [
         _LevelRenderer(f, (-(-W // f), -(-H // f)), ds, tex, sh, se, atlases, glass, offsets,
-                       art, ink, BLUR_SIGMA_UM / mpp)
+                       art, ink, BLUR_SIGMA_UM / mpp, scanner)
         for f in factors
     ]
     with atomic_open(path) as fh:
@@ -959,7 +828,12 @@ def synth_slide(
 
     _write_png_atomic(label_path, labels)
 
-    full, partial = _annotations(rng, labels, ds, mpp)
+    if dom.legacy:
+        regions = [(i + 1, c, None) for i, c in enumerate(CLASSES)]
+        full, partial = _annotations(rng, labels, ds, mpp, regions)
+    else:
+        regions = [(s.tid, s.cls, s.name) for c in CLASSES for s in SUBTYPES if s.cls == c]
+        full, partial = _annotations(rng, tex, ds, mpp, regions)
     write_atomic(ann_path, json.dumps(full).encode())
     write_atomic(part_path, json.dumps(partial).encode())
 
@@ -988,6 +862,11 @@ def synth_slide(
         "viable_percent": _viable_percent(areas),
         "viable_fraction_target": viable_fraction,
     }
+    if scanner is not None:
+        doc.update(_subtype_truth(tex, Path(f"{stem}.subtypes.png"), px_mm2))
+        doc["domain"] = dom.name
+        doc["jpeg_quality"] = int(jpeg_quality)
+        doc["scanner"] = scanner.record()
     if art is not None:
         truth_bits = art & np.uint8(_RIM_BIT - 1)
         art_path = Path(f"{stem}.artefacts.png")
@@ -1014,11 +893,14 @@ def synth_specimen(
     viable_fraction: float | None = None,
     fmt: str = "svs",
     artefacts: Sequence[str] = (),
+    domain: str = "default",
 ) -> SpecimenTruth:
     """Write ``n_slides`` slides to ``out_dir/<specimen_id>/<specimen_id>_<k>.<fmt>`` (k = 1..n)
     with their truth files and ``specimen.truth.json``. Every slide gets the same target
-    ``viable_fraction`` (``None``: drawn once from ``seed``) and the same ``artefacts`` kinds; the
-    truth records exact values."""
+    ``viable_fraction`` (``None``: drawn once from ``seed``), the same ``artefacts`` kinds and the
+    same ``domain`` (each slide its own jitter within it); the truth records exact values."""
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; choose from {', '.join(DOMAINS)}")
     if int(n_slides) < 1:
         raise ValueError(f"n_slides must be >= 1, not {n_slides}")
     folder = Path(out_dir) / specimen_id
@@ -1032,7 +914,7 @@ def synth_specimen(
         slide_seed = int(np.random.SeedSequence([int(seed), k]).generate_state(1)[0])
         slides.append(synth_slide(folder / f"{specimen_id}_{k}.{ext}", size_px=size_px, mpp=mpp,
                                   seed=slide_seed, viable_fraction=viable_fraction, fmt=fmt,
-                                  artefacts=artefacts))
+                                  artefacts=artefacts, domain=domain))
     areas = {c: float(sum(s.areas_mm2[c] for s in slides)) for c in CLASSES}
     truth_path = folder / "specimen.truth.json"
     doc = {
@@ -1047,6 +929,13 @@ def synth_specimen(
         "tumor_bed_area_mm2": float(sum(areas[c] for c in TUMOR_BED)),
         "viable_percent": _viable_percent(areas),
     }
+    if not DOMAINS[domain].legacy:
+        doc["domain"] = domain
+        doc["subtype_areas_mm2"] = {c: {} for c in CLASSES}
+        for s in slides:
+            for c, per_name in s.subtype_areas_mm2.items():
+                for name, a in per_name.items():
+                    doc["subtype_areas_mm2"][c][name] = doc["subtype_areas_mm2"][c].get(name, 0.0) + a
     write_atomic(truth_path, json.dumps(doc, indent=2).encode())
     return load_specimen_truth(truth_path)
 
@@ -1070,6 +959,9 @@ def load_slide_truth(path: str | os.PathLike) -> SlideTruth:
         artefacts_path=base / doc["artefacts_path"] if "artefacts_path" in doc else None,
         artefact_areas_mm2=dict(doc.get("artefact_areas_mm2", {})),
         artefact_tissue_areas_mm2=dict(doc.get("artefact_tissue_areas_mm2", {})),
+        domain=str(doc.get("domain", "default")),
+        subtypes_path=base / doc["subtypes_path"] if "subtypes_path" in doc else None,
+        subtype_areas_mm2={c: dict(v) for c, v in doc.get("subtype_areas_mm2", {}).items()},
     )
 
 
@@ -1093,6 +985,18 @@ def read_labels(truth: SlideTruth) -> np.ndarray:
     from PIL import Image
 
     with Image.open(truth.label_path) as im:
+        return np.asarray(im, dtype=np.uint8).copy()
+
+
+def read_subtypes(truth: SlideTruth) -> np.ndarray:
+    """The sub-type raster as uint8 ``[y, x]`` on the label grid (values: the ``tid`` of
+    ``synth_textures.SUBTYPES``; 0 glass). The default domain has one texture per class: its
+    label raster."""
+    from PIL import Image
+
+    if truth.subtypes_path is None:
+        return read_labels(truth)
+    with Image.open(truth.subtypes_path) as im:
         return np.asarray(im, dtype=np.uint8).copy()
 
 
