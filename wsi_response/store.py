@@ -9,13 +9,19 @@ Store layout (zarr v3 folder ``tiles.zarr``)::
     tissue_fraction  (N,)   float32
     chunk_starts     (K+1,) int64    grid chunk k holds rows chunk_starts[k]:chunk_starts[k+1]
     probs            (N, C) float32  class probabilities, columns in attrs["class_names"]
+    subcell_tissue_fraction (N, k*k) float32  only with sub-cells (attrs["subcells"] = k > 1):
+                     tissue fraction of each tile's sub-cells, row-major
+    subcell_probs    (N, k*k, C) float32  ... and their class probabilities
     chunk_done       (K,)   uint8    1 once chunk k's probabilities are written
     attrs            metadata: model sha256, class names, grid parameters, slide path/size/mtime,
                      software version (see :func:`store_metadata`)
 
+Format 2 added the sub-cells (``refine`` and ``subcells`` in the metadata); a format-1 store
+does not match and is recomputed.
+
 Crash safety, the choice made: work happens in ``<path>.partial``; the finished store is renamed
 to ``<path>`` only when every chunk is done, so a store at its final name is always complete.
-Inside the partial store a chunk's probabilities are written first and its ``chunk_done`` flag
+Inside the partial store a chunk's probabilities (tile and sub-cell) are written first and its ``chunk_done`` flag
 second (finished chunks are written together every few seconds:
 :func:`~wsi_response.inference.predict`); zarr's local store writes each chunk file to a
 temporary name and renames it, so a killed run leaves every flagged chunk intact. On restart, a
@@ -35,16 +41,18 @@ import numpy as np
 
 __all__ = ["TilePredictions", "StoredTiles", "TileStore", "store_metadata", "open_tile_store", "read_tile_store"]
 
-STORE_FORMAT = "wsi-response-tiles/1"
+STORE_FORMAT = "wsi-response-tiles/2"
 _ROWS_PER_ZARR_CHUNK = 8192
 
 
 @dataclass(frozen=True)
 class TilePredictions:
-    """Class probabilities ``(N, C)`` float32 for the N tiles of a grid, classes in column order."""
+    """Class probabilities ``(N, C)`` float32 for the N tiles of a grid, classes in column order,
+    and with sub-cells those of each tile's k × k sub-cells ``(N, k*k, C)`` (row-major)."""
 
     probs: np.ndarray
     class_names: tuple[str, ...]
+    subcell_probs: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.probs.shape[0])
@@ -64,8 +72,9 @@ def store_metadata(slide: Any, grid: Any, model_sha256: str, class_names: tuple[
 
     stat = Path(slide.path).stat()
     grid_hash = hashlib.sha256()
-    for arr in (grid.cols_rows, grid.chunk_starts, grid.tissue_fraction):
-        grid_hash.update(np.ascontiguousarray(arr).tobytes())
+    for arr in (grid.cols_rows, grid.chunk_starts, grid.tissue_fraction, grid.subcell_fraction):
+        if arr is not None:
+            grid_hash.update(np.ascontiguousarray(arr).tobytes())
     return {
         "format": STORE_FORMAT,
         "software_version": __version__,
@@ -79,6 +88,8 @@ def store_metadata(slide: Any, grid: Any, model_sha256: str, class_names: tuple[
         "stride_px": int(grid.stride_px),
         "read_mpp": float(grid.read_mpp),
         "read_level": int(grid.read_level),
+        "refine": "none" if grid.subcell_fraction is None else "dense",
+        "subcells": int(grid.subcells),
         "n_tiles": len(grid),
         "n_chunks": int(grid.n_chunks),
         "grid_sha256": grid_hash.hexdigest(),
@@ -111,16 +122,23 @@ class TileStore:
         """(N, C) float32 of every tile (rows of chunks not done are NaN)."""
         return np.asarray(self._group["probs"][:])
 
-    def write_chunks(self, chunks: Sequence[int], probs: np.ndarray) -> None:
+    def subcell_probs(self) -> np.ndarray | None:
+        """(N, k*k, C) float32 of every tile's sub-cells (NaN where not done); None without sub-cells."""
+        return np.asarray(self._group["subcell_probs"][:]) if "subcell_probs" in self._group else None
+
+    def write_chunks(self, chunks: Sequence[int], probs: np.ndarray, subcell_probs: np.ndarray | None = None) -> None:
         """Store the probabilities of the finished ``chunks`` from ``probs`` ``(N, C)`` (every tile
-        of the grid, in grid order), then flag them done (in that order). One write of the rows
-        from the first to the last of them: rows of other chunks in between are written as
-        ``probs`` holds them (NaN, or what this store already held for them)."""
+        of the grid, in grid order) and ``subcell_probs`` ``(N, k*k, C)`` (with sub-cells), then
+        flag them done (in that order). One write of the rows from the first to the last of them:
+        rows of other chunks in between are written as the arrays hold them (NaN, or what this
+        store already held for them)."""
         if not len(chunks):
             return
         ks = np.asarray(chunks, np.int64)
         start, stop = int(self._starts[ks.min()]), int(self._starts[ks.max() + 1])
         self._group["probs"][start:stop] = probs[start:stop].astype(np.float32, copy=False)
+        if subcell_probs is not None:
+            self._group["subcell_probs"][start:stop] = subcell_probs[start:stop].astype(np.float32, copy=False)
         done = self._done.copy()
         done[ks] = True
         self._group["chunk_done"][:] = done.astype(np.uint8)
@@ -181,6 +199,7 @@ class StoredTiles:
     cols_rows: np.ndarray        # (N, 2) int32
     tissue_fraction: np.ndarray  # (N,) float32, of each tile's cell
     metadata: dict[str, Any]
+    subcell_tissue_fraction: np.ndarray | None = None  # (N, k*k) float32; None without sub-cells
 
 
 def read_tile_store(path: str | os.PathLike) -> StoredTiles:
@@ -189,10 +208,13 @@ def read_tile_store(path: str | os.PathLike) -> StoredTiles:
 
     group = zarr.open_group(str(path), mode="r")
     attrs = dict(group.attrs)
-    return StoredTiles(predictions=TilePredictions(np.asarray(group["probs"][:]), tuple(attrs["class_names"])),
+    sub = "subcell_probs" in group
+    return StoredTiles(predictions=TilePredictions(np.asarray(group["probs"][:]), tuple(attrs["class_names"]),
+                                                   np.asarray(group["subcell_probs"][:]) if sub else None),
                        cols_rows=np.asarray(group["cols_rows"][:]),
                        tissue_fraction=np.asarray(group["tissue_fraction"][:]),
-                       metadata=attrs)
+                       metadata=attrs,
+                       subcell_tissue_fraction=np.asarray(group["subcell_tissue_fraction"][:]) if sub else None)
 
 
 def _open_existing(path: Path) -> Any:
@@ -221,6 +243,13 @@ def _create(path: Path, metadata: Mapping[str, Any], grid: Any) -> Any:
                        chunks=(rows,))
     group.create_array("chunk_starts", data=np.ascontiguousarray(grid.chunk_starts, np.int64))
     group.create_array("probs", shape=(n, c), chunks=(rows, c), dtype="float32", fill_value=np.nan)
+    if grid.subcell_fraction is not None:
+        kk = grid.subcells ** 2
+        sub_rows = max(1, min(n, _ROWS_PER_ZARR_CHUNK // kk))
+        group.create_array("subcell_tissue_fraction", data=np.ascontiguousarray(grid.subcell_fraction.reshape(n, kk)),
+                           chunks=(sub_rows, kk))
+        group.create_array("subcell_probs", shape=(n, kk, c), chunks=(sub_rows, kk, c), dtype="float32",
+                           fill_value=np.nan)
     group.create_array("chunk_done", shape=(k,), chunks=(max(1, k),), dtype="uint8", fill_value=0)
     group.attrs.update({**metadata, "complete": False})
     return group
