@@ -7,10 +7,12 @@ sub-cells (``tiling.refine: dense``, the default) every cell is split into k × 
 with its own class (the argmax of its probabilities from the tile's feature map, see
 :mod:`wsi_response.inference`) and its own tissue fraction, and the areas are summed over
 sub-cells: a class border inside a cell costs at most a strip of sub-cells (32 µm by default), not
-the whole 224 µm cell. Measured with true labels instead of the model's on synthetic slides
-(``benchmarks/subtile.py``: every cell or sub-cell given its true majority class), this
-discretisation moves the viable % by up to 2.9 pp with whole cells and up to about 0.15 pp with
-7 × 7 sub-cells. It does not remove the classifier's own error, which dominates the real error.
+the whole 224 µm cell. Measured with true labels instead of the model's on three synthetic
+3 × 2.25 mm slides (``benchmarks/subtile.py``, :mod:`wsi_response.oracle`: every cell or sub-cell
+given its true majority class), this discretisation moves the viable % by +0.71, +2.89, +1.39 pp
+with whole cells and −0.05, +0.11, +0.13 pp with 7 × 7 sub-cells. It does not remove the
+classifier's own error, which dominates the real error (the sub-cells' classes come from the same
+model, seeing 96 µm of context each). The interval below still draws whole tiles.
 These are exactly the areas of the class regions drawn by :mod:`wsi_response.regions` (which
 draws the sub-cells). The tumor bed is
 viable_tumor + necrosis + fibrosis; percentages are of the bed, ``None`` when the bed is empty.
