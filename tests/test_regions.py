@@ -1,6 +1,7 @@
 """Tissue and class polygons: pixel-exact, valid, and equal in area to the quantified areas."""
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -128,3 +129,31 @@ def test_subtract_bounds_offset() -> None:
     moved = subtract_bounds_offset(square, (100, 50))
     assert moved.bounds == (0.0, 150.0, 10.0, 170.0) and moved.area == square.area
     assert subtract_bounds_offset(square, (0, 0)) is square
+
+
+@pytest.mark.parametrize("stride_px, tile_px, subcells", [(112, 224, 7), (64, 64, 7), (224, 224, 4)])
+def test_subcell_region_areas_match_quantified_areas(stride_px: int, tile_px: int, subcells: int) -> None:
+    """tiling.refine=dense: the overlay draws the sub-cells (fractional ones for 64 / 7 px) and
+    their areas are the reported ones."""
+    slide_mpp, mask_mpp = 0.2527, 4.0
+    mask = TissueMask(mask=blob_mask((300, 400), seed=6), downsample=mask_mpp / slide_mpp, mpp=mask_mpp)
+    dims = (int(400 * mask.downsample) - 7, int(300 * mask.downsample) - 3)
+    grid = tile_grid(fake_slide(dims, slide_mpp), mask,
+                     TilingConfig(tile_px=tile_px, stride_px=stride_px, refine="dense", subcells=subcells))
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(4), size=len(grid)).astype(np.float32)
+    sub = rng.dirichlet(np.ones(4), size=(len(grid), subcells ** 2)).astype(np.float32)
+    predictions = TilePredictions(probs, CLASSES, sub)
+    cells = grid.subcell_grid()
+    regions = class_regions(cells, sub.reshape(-1, 4).argmax(axis=1), mask)
+    areas = slide_areas(grid, predictions)
+    assert grid.subcell_fraction.shape == (len(grid), subcells, subcells)
+    np.testing.assert_allclose(grid.subcell_fraction.mean(axis=(1, 2)), grid.tissue_fraction, atol=1e-6)
+    assert areas.tissue_area_mm2 == pytest.approx(grid.tissue_area_mm2, rel=1e-6)
+    whole = slide_areas(replace(grid, subcell_fraction=None), TilePredictions(probs, CLASSES))
+    assert not np.allclose(areas.areas_mm2, whole.areas_mm2)  # the sub-cells' classes count, not the tiles'
+    for k, name in enumerate(CLASSES):
+        assert shapely.is_valid(regions[name])
+        assert regions[name].area * slide_mpp ** 2 / 1e6 == pytest.approx(areas.areas_mm2[k], rel=1e-5)
+    union = shapely.union_all(list(regions.values()))
+    assert union.area == pytest.approx(sum(r.area for r in regions.values()), rel=1e-9)  # disjoint

@@ -7,13 +7,16 @@ from wsi_response.store import open_tile_store, read_tile_store
 
 
 class _Grid:  # the attributes the store reads from a TileGrid
-    def __init__(self, n_chunks: int = 3, per_chunk: int = 5) -> None:
+    def __init__(self, n_chunks: int = 3, per_chunk: int = 5, subcells: int = 1) -> None:
         self.chunk_starts = np.arange(n_chunks + 1, dtype=np.int64) * per_chunk
         n = n_chunks * per_chunk
         self.cols_rows = np.stack([np.arange(n), np.zeros(n)], 1).astype(np.int32)
         self.origins_l0 = self.cols_rows * 10.0
         self.tissue_fraction = np.ones(n, np.float32)
         self.n_chunks = n_chunks
+        self.subcells = subcells
+        self.subcell_fraction = (None if subcells == 1 else
+                                 np.arange(n * subcells ** 2, dtype=np.float32).reshape(n, subcells, subcells) / 100)
 
     def __len__(self) -> int:
         return len(self.cols_rows)
@@ -51,6 +54,39 @@ def test_fill_resume_finalize_and_stale(tmp_path):
 
     stale = open_tile_store(path, {**META, "model_sha256": "other"}, grid)  # other model: recomputed
     assert not stale.complete and not stale.done.any() and not path.exists()
+
+
+def test_subcells_fill_resume_and_read_back(tmp_path):
+    grid, path = _Grid(subcells=2), tmp_path / "tiles.zarr"
+    meta = {**META, "refine": "dense", "subcells": 2}
+    store = open_tile_store(path, meta, grid)
+    probs = np.full((15, 4), np.nan, np.float32)
+    sub = np.full((15, 4, 4), np.nan, np.float32)
+    rng = np.random.default_rng(0)
+    raw = rng.random((5, 4, 4)).astype(np.float32)
+    probs[:5], sub[:5] = 0.25, raw / raw.sum(axis=2, keepdims=True)
+    store.write_chunks([0], probs, sub)
+
+    resumed = open_tile_store(path, meta, grid)  # resumes with the sub-cells of chunk 0
+    assert resumed.done.tolist() == [True, False, False]
+    np.testing.assert_array_equal(resumed.subcell_probs()[:5], sub[:5])
+    assert np.isnan(resumed.subcell_probs()[5:]).all()
+    probs[5:], sub[5:] = 0.25, [0.1, 0.2, 0.3, 0.4]
+    resumed.write_chunks([1, 2], probs, sub)
+    resumed.finalize()
+    stored = read_tile_store(path)
+    np.testing.assert_array_equal(stored.predictions.subcell_probs, sub)
+    np.testing.assert_array_equal(stored.subcell_tissue_fraction, grid.subcell_fraction.reshape(15, 4))
+    assert stored.subcell_tissue_fraction.shape == (15, 4) and stored.predictions.probs.shape == (15, 4)
+
+
+def test_store_without_subcells_has_none(tmp_path):
+    grid, path = _Grid(), tmp_path / "tiles.zarr"
+    store = open_tile_store(path, META, grid)
+    store.write_chunks([0, 1, 2], np.full((15, 4), 0.25, np.float32))
+    store.finalize()
+    stored = read_tile_store(path)
+    assert stored.predictions.subcell_probs is None and stored.subcell_tissue_fraction is None
 
 
 # --------------------------------------------------------------------------- damaged stores

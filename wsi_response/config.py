@@ -56,6 +56,8 @@ class TilingConfig:
     stride_px: int = _f(224, range=(8, 2048))                 # grid step at target_mpp, px (<= tile_px)
     min_tissue_fraction: float = _f(0.02, range=(0.0, 1.0))   # of a grid cell; emptier cells are skipped
     read_region_px: int = _f(2048, range=(256, 16384))        # side of one batched read at the read level, px
+    refine: str = _f("dense", choices=("none", "dense"))      # class borders inside cells: none (a cell is one class) | dense (per sub-cell, from the CNN feature map)
+    subcells: int = _f(7, range=(1, 64))                      # sub-cells per cell side with refine: dense (side stride_px / subcells px)
 
 
 @dataclass(frozen=True)

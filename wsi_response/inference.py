@@ -30,6 +30,13 @@ grow. With a ``store`` path, finished chunks are written to the resumable zarr t
 about 10 ms, would cap a GPU run at a few thousand tiles/s), so a killed run loses at most about
 two seconds of work.
 
+Sub-cells (a grid with ``subcell_fraction``, ``tiling.refine: dense``): the same forward pass
+also classifies each of a tile's k × k sub-cells (:class:`SubcellHead`): the backbone's feature map
+is smoothed over 3 × 3 positions (one position is 32 px on a stride-32 CNN; the smoothing gives
+each sub-cell about 96 px of context), averaged over the part under each sub-cell
+(:func:`~wsi_response.tiling.subcell_pool_weights`) and fed to the model's own head, exactly as
+the whole tile's pooled features are. Timm CNNs only (``forward_features`` giving ``(n, C, h, w)``).
+
 Several GPUs: one process per GPU, each pinned through ``CUDA_VISIBLE_DEVICES``, is
 :mod:`wsi_response.batch` (``--gpus all``); ``device="cuda:N"`` picks a GPU in one process.
 """
@@ -51,10 +58,10 @@ from .errors import ConfigError, ModelError, WsiResponseError
 from .jpegtiles import JpegTileReader, open_jpeg_tile_reader
 from .slide import Level, Slide
 from .store import TilePredictions, open_tile_store, store_metadata
-from .tiling import TileGrid, TileReader
+from .tiling import TileGrid, TileReader, subcell_pool_weights
 
 __all__ = ["AUTOCAST_DTYPES", "DECODE_CHOICES", "predict", "resolve_device", "autocast_dtype", "ModelRunner",
-           "DeviceDecoder", "DeviceDecodeUnavailable", "tile_chunks"]
+           "SubcellHead", "DeviceDecoder", "DeviceDecodeUnavailable", "tile_chunks"]
 
 Progress = Callable[[int, int], None]  # (tiles done, tiles total)
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -96,8 +103,37 @@ def autocast_dtype(device: torch.device, autocast: str = "bf16") -> torch.dtype 
     return dtype
 
 
+class SubcellHead(torch.nn.Module):
+    """A timm CNN returning logits ``(n, 1 + k*k, C)``: the tile's (``model(x)``), then its sub-cells'
+    (the head on the 3 × 3-smoothed feature map averaged under each sub-cell; module docstring)."""
+
+    def __init__(self, classifier: Classifier, grid: TileGrid, device: torch.device) -> None:
+        super().__init__()
+        self.model = classifier.model
+        with torch.inference_mode():
+            probe = self.model.forward_features(torch.zeros(1, 3, grid.tile_px, grid.tile_px, device=device))
+        if probe.ndim != 4:
+            raise ModelError(classifier.path or classifier.arch, f"tiling.refine=dense needs a CNN feature map "
+                             f"(n, C, h, w); {classifier.arch} gives shape {tuple(probe.shape)}; use tiling.refine=none")
+        self.register_buffer("weights_y", torch.from_numpy(subcell_pool_weights(grid, probe.shape[2])).to(device))
+        self.register_buffer("weights_x", torch.from_numpy(subcell_pool_weights(grid, probe.shape[3])).to(device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.model.forward_features(x)
+        tile = self.model.forward_head(features)
+        smooth = torch.nn.functional.avg_pool2d(features, 3, 1, 1, count_include_pad=False)
+        n, c = features.shape[:2]
+        under = torch.einsum("nchw,ih,jw->nijc", smooth, self.weights_y.to(smooth.dtype),
+                             self.weights_x.to(smooth.dtype)).reshape(-1, c, 1, 1)
+        sub = self.model.forward_head(under).reshape(n, -1, tile.shape[1])
+        return torch.cat([tile[:, None], sub], dim=1)
+
+
 class ModelRunner:
     """The classifier's forward pass on one device: uint8 tiles ``(n, h, w, 3)`` in, ``(n, C)`` probabilities out.
+
+    ``subcells_of``: a grid with sub-cells; the probabilities are then ``(n, 1 + k*k, C)``, the
+    tile's and its sub-cells' (:class:`SubcellHead`).
 
     ``autocast`` (bf16 | fp16 | fp32) and ``compile`` (``torch.compile``, default mode) apply on
     CUDA only; CPU runs float32 eager. A compiled model sees every batch padded to
@@ -108,11 +144,13 @@ class ModelRunner:
     """
 
     def __init__(self, classifier: Classifier, device: torch.device, *, autocast: str = "bf16",
-                 compile: bool = False, batch_size: int = 64) -> None:
+                 compile: bool = False, batch_size: int = 64, subcells_of: TileGrid | None = None) -> None:
         self.classifier = classifier
         self.device = device
         self.amp = autocast_dtype(device, autocast)
         self.model = classifier.model.to(device).eval()
+        if subcells_of is not None and subcells_of.subcell_fraction is not None:
+            self.model = SubcellHead(classifier, subcells_of, device).eval()
         self.batch_size = batch_size
         self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.busy_s = 0.0
@@ -122,7 +160,8 @@ class ModelRunner:
                 self.compiled = torch.compile(self.model, dynamic=False)
 
     def launch(self, tiles: torch.Tensor) -> Callable[[], np.ndarray]:
-        """Queue the forward pass of uint8 ``tiles`` (on the device); the returned call gives float32 ``(n, C)``."""
+        """Queue the forward pass of uint8 ``tiles`` (on the device); the returned call gives float32
+        ``(n, C)`` (with sub-cells ``(n, 1 + k*k, C)``)."""
         start = time.perf_counter()
         wait = self._launch(tiles)
         self.busy_s += time.perf_counter() - start
@@ -139,14 +178,14 @@ class ModelRunner:
         with torch.inference_mode():
             x = self.classifier.normalise(to_unit_float(tiles))
             if self.device.type != "cuda":
-                probs = torch.softmax(self.model(x), dim=1)
+                probs = torch.softmax(self.model(x), dim=-1)
                 return lambda: probs.numpy()
             x = x.contiguous(memory_format=torch.channels_last)
             if self.compiled is not None and n < self.batch_size:
                 x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
             with torch.autocast(device_type="cuda", dtype=self.amp, enabled=self.amp is not None):
                 logits = self._forward(x)[:n]
-            probs = torch.softmax(logits.float(), dim=1)
+            probs = torch.softmax(logits.float(), dim=-1)
             host = torch.empty(probs.shape, dtype=torch.float32, pin_memory=True)
             host.copy_(probs, non_blocking=True)
             done = torch.cuda.Event()
@@ -412,6 +451,8 @@ def predict(slide: Slide, grid: TileGrid, classifier: Classifier, *, batch_size:
     ``tiles.zarr``; chunks already in it (same model, slide and grid) are not recomputed; finished
     chunks are written to it the first at once, then together every ``store_every_s`` seconds, at
     the end, and when reading or the model fails.
+    With sub-cells in ``grid`` (``tiling.refine: dense``) the predictions also hold each tile's
+    sub-cell probabilities, from the same forward pass (:class:`SubcellHead`).
     ``progress(done, total)`` is called after each finished chunk. ``timings`` gets ``model_s``,
     the seconds spent in the model (:attr:`ModelRunner.busy_s`; 0 when every chunk was stored).
     """
@@ -421,6 +462,8 @@ def predict(slide: Slide, grid: TileGrid, classifier: Classifier, *, batch_size:
     dev = resolve_device(device)
     n_classes = len(classifier.class_names)
     probs = np.full((len(grid), n_classes), np.nan, np.float32)
+    sub = (None if grid.subcell_fraction is None else
+           np.full((len(grid), grid.subcells ** 2, n_classes), np.nan, np.float32))
     chunk_sizes = np.diff(grid.chunk_starts)
     tile_store = None
     todo = list(range(grid.n_chunks))
@@ -429,9 +472,11 @@ def predict(slide: Slide, grid: TileGrid, classifier: Classifier, *, batch_size:
         tile_store = open_tile_store(Path(store), meta, grid)
         done = tile_store.done
         if done.any():
-            stored = tile_store.probs()
+            stored, stored_sub = tile_store.probs(), tile_store.subcell_probs()
             rows = np.repeat(done, chunk_sizes)
             probs[rows] = stored[rows]
+            if sub is not None:
+                sub[rows] = stored_sub[rows]
         todo = [k for k in todo if not done[k]]
     total = len(grid)
     n_done = int(total - chunk_sizes[todo].sum()) if todo else total
@@ -439,7 +484,8 @@ def predict(slide: Slide, grid: TileGrid, classifier: Classifier, *, batch_size:
         progress(n_done, total)
 
     if todo:
-        runner = ModelRunner(classifier, dev, autocast=autocast, compile=compile, batch_size=batch_size)
+        runner = ModelRunner(classifier, dev, autocast=autocast, compile=compile, batch_size=batch_size,
+                             subcells_of=grid)
         reader = TileReader(slide, grid)
         remaining = {k: int(chunk_sizes[k]) for k in todo}
 
@@ -449,13 +495,17 @@ def predict(slide: Slide, grid: TileGrid, classifier: Classifier, *, batch_size:
         def save() -> None:
             nonlocal last_save
             if tile_store is not None:
-                tile_store.write_chunks(unsaved, probs)
+                tile_store.write_chunks(unsaved, probs, sub)
             unsaved.clear()
             last_save = time.monotonic()
 
         def finish(chunk_ids: np.ndarray, indices: np.ndarray, result: Callable[[], np.ndarray]) -> None:
             nonlocal n_done
-            probs[indices] = result()
+            out = result()
+            if sub is None:
+                probs[indices] = out
+            else:
+                probs[indices], sub[indices] = out[:, 0], out[:, 1:]
             finished = []
             for k, n in zip(*np.unique(chunk_ids, return_counts=True)):
                 remaining[int(k)] -= int(n)
@@ -489,7 +539,7 @@ def predict(slide: Slide, grid: TileGrid, classifier: Classifier, *, batch_size:
                 timings["model_s"] = runner.busy_s
     if tile_store is not None:
         tile_store.finalize()
-    return TilePredictions(probs=probs, class_names=tuple(classifier.class_names))
+    return TilePredictions(probs=probs, class_names=tuple(classifier.class_names), subcell_probs=sub)
 
 
 def _device_decoder(slide: Slide, grid: TileGrid, reader: TileReader, dev: torch.device) -> DeviceDecoder | None:

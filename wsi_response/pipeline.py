@@ -35,7 +35,7 @@ from .config import Config, QcConfig, config_to_dict
 from .errors import OutputError, WsiResponseError
 from .locks import specimen_locks
 from .focus import FocusJob
-from .quantify import SlideAreas, slide_areas_from_tiles, specimen_areas
+from .quantify import SlideAreas, slide_areas, slide_areas_from_tiles, specimen_areas
 from .report import box_thumbnail, heatmap_png, mask_on_thumbnail, overlay_png, render_report
 from .slide import Slide, open_slide
 from .store import TilePredictions, TileStoreError, read_tile_store
@@ -169,9 +169,9 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
         timings["inference_s"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        areas = slide_areas_from_tiles(predictions.probs, predictions.class_names, grid.tissue_fraction,
-                                       grid.cell_area_mm2)
-        labels = predictions.labels
+        areas = slide_areas(grid, predictions)
+        cells, cell_probs = _area_cells(grid, predictions)  # what the areas count: cells or sub-cells
+        labels = np.argmax(cell_probs, axis=1)
         excluded = TissueMask(mask.mask & ~usable.mask, mask.downsample, mask.mpp)
         thumb_ds = max(1.0, max(slide.dimensions_px) / THUMBNAIL_MAX_PX)
         thumbnail = _thumbnail(slide, overview, thumb_ds)
@@ -180,15 +180,15 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
         viable = predictions.class_names.index("viable_tumor")
         offset = slide.bounds_offset_l0
         with ThreadPoolExecutor(2) as threads:  # PNGs compress without the GIL while the GeoJSON is written
-            pngs = {"overlay.png": threads.submit(overlay_png, thumbnail, thumb_ds, grid, labels, usable,
+            pngs = {"overlay.png": threads.submit(overlay_png, thumbnail, thumb_ds, cells, labels, usable,
                                                   predictions.class_names, artefact_layer),
                     "heatmap_viable_tumor.png": threads.submit(heatmap_png, thumbnail, thumb_ds, grid,
                                                                predictions.probs[:, viable], mask, "Viable tumor")}
-            regions = class_regions(grid, labels, usable, predictions.class_names)
+            regions = class_regions(cells, labels, usable, predictions.class_names)
             regions[ARTEFACT] = _artefact_region(excluded, usable, blank)
             mean_probability = {
-                name: (float(np.average(predictions.probs[labels == i, i], weights=grid.tissue_fraction[labels == i]))
-                       if (labels == i).any() else None)
+                name: (float(np.average(cell_probs[labels == i, i], weights=cells.tissue_fraction[labels == i]))
+                       if (labels == i).any() and cells.tissue_fraction[labels == i].sum() > 0 else None)
                 for i, name in enumerate(predictions.class_names)}
             mean_probability[ARTEFACT] = None
             write_overlay(slide_dir / "overlay.geojson",
@@ -214,7 +214,8 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
             **_area_fields(areas),
             "n_tiles": len(grid),
             "grid": {"read_mpp": grid.read_mpp, "tile_px": grid.tile_px, "stride_px": grid.stride_px,
-                     "read_level": grid.read_level, "cell_area_mm2": grid.cell_area_mm2},
+                     "read_level": grid.read_level, "cell_area_mm2": grid.cell_area_mm2,
+                     "refine": "none" if grid.subcell_fraction is None else "dense", "subcells": grid.subcells},
             "tissue_mask_area_mm2": mask.area_mm2,
             "artefacts": {"areas_mm2": artefact_areas, "excluded_tiles": {
                 "near_white": int(white.sum()), "near_black": int(black.sum())}},
@@ -392,7 +393,15 @@ def _stored_areas(slide_dir: Path, record: Mapping[str, Any]) -> SlideAreas:
                                       cell_area)
     stored = read_tile_store(slide_dir / "tiles.zarr")
     return slide_areas_from_tiles(stored.predictions.probs, stored.predictions.class_names, stored.tissue_fraction,
-                                  cell_area)
+                                  cell_area, stored.predictions.subcell_probs, stored.subcell_tissue_fraction)
+
+
+def _area_cells(grid: TileGrid, predictions: TilePredictions) -> tuple[TileGrid, np.ndarray]:
+    """The cells the areas count and their probabilities (M, C): the grid's cells, or with
+    sub-cells the sub-cell grid (row ``t * k² + s`` is sub-cell ``s`` of tile ``t``)."""
+    if grid.subcell_fraction is None or predictions.subcell_probs is None:
+        return grid, predictions.probs
+    return grid.subcell_grid(), predictions.subcell_probs.reshape(-1, predictions.subcell_probs.shape[2])
 
 
 def run_specimen(paths: Sequence[str | Path], specimen_id: str, out_dir: Path, classifier: Any, cfg: Config, *,

@@ -9,13 +9,19 @@ Store layout (zarr v3 folder ``tiles.zarr``)::
     tissue_fraction  (N,)   float32
     chunk_starts     (K+1,) int64    grid chunk k holds rows chunk_starts[k]:chunk_starts[k+1]
     probs            (N, C) float32  class probabilities, columns in attrs["class_names"]
+    subcell_tissue_fraction (N, k*k) float32  only with sub-cells (attrs["subcells"] = k > 1):
+                     tissue fraction of each tile's sub-cells, row-major
+    subcell_probs    (N, k*k, C) float32  ... and their class probabilities
     chunk_done       (K,)   uint8    1 once chunk k's probabilities are written
     attrs            metadata: model sha256, class names, grid parameters, slide path/size/mtime,
                      software version (see :func:`store_metadata`)
 
+Format 2 added the sub-cells (``refine`` and ``subcells`` in the metadata); a format-1 store
+does not match and is recomputed.
+
 Crash safety, the choice made: work happens in ``<path>.partial``; the finished store is renamed
 to ``<path>`` only when every chunk is done, so a store at its final name is always complete.
-Inside the partial store a chunk's probabilities are written first and its ``chunk_done`` flag
+Inside the partial store a chunk's probabilities (tile and sub-cell) are written first and its ``chunk_done`` flag
 second (finished chunks are written together every few seconds:
 :func:`~wsi_response.inference.predict`); zarr's local store writes each chunk file to a
 temporary name and renames it, so a killed run leaves every flagged chunk intact. On restart, a
@@ -44,16 +50,18 @@ from .errors import OutputError
 __all__ = ["TilePredictions", "StoredTiles", "TileStore", "TileStoreError", "store_metadata", "open_tile_store",
            "read_tile_store"]
 
-STORE_FORMAT = "wsi-response-tiles/1"
+STORE_FORMAT = "wsi-response-tiles/2"
 _ROWS_PER_ZARR_CHUNK = 8192
 
 
 @dataclass(frozen=True)
 class TilePredictions:
-    """Class probabilities ``(N, C)`` float32 for the N tiles of a grid, classes in column order."""
+    """Class probabilities ``(N, C)`` float32 for the N tiles of a grid, classes in column order,
+    and with sub-cells those of each tile's k × k sub-cells ``(N, k*k, C)`` (row-major)."""
 
     probs: np.ndarray
     class_names: tuple[str, ...]
+    subcell_probs: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.probs.shape[0])
@@ -73,8 +81,9 @@ def store_metadata(slide: Any, grid: Any, model_sha256: str, class_names: tuple[
 
     stat = Path(slide.path).stat()
     grid_hash = hashlib.sha256()
-    for arr in (grid.cols_rows, grid.chunk_starts, grid.tissue_fraction):
-        grid_hash.update(np.ascontiguousarray(arr).tobytes())
+    for arr in (grid.cols_rows, grid.chunk_starts, grid.tissue_fraction, grid.subcell_fraction):
+        if arr is not None:
+            grid_hash.update(np.ascontiguousarray(arr).tobytes())
     return {
         "format": STORE_FORMAT,
         "software_version": __version__,
@@ -88,6 +97,8 @@ def store_metadata(slide: Any, grid: Any, model_sha256: str, class_names: tuple[
         "stride_px": int(grid.stride_px),
         "read_mpp": float(grid.read_mpp),
         "read_level": int(grid.read_level),
+        "refine": "none" if grid.subcell_fraction is None else "dense",
+        "subcells": int(grid.subcells),
         "n_tiles": len(grid),
         "n_chunks": int(grid.n_chunks),
         "grid_sha256": grid_hash.hexdigest(),
@@ -104,6 +115,7 @@ class TileStore:
         self._starts = contents.starts  # this writer alone changes the store (it holds the slide
         self._done = contents.done      # folder's lock): starts, flags and probabilities are kept
         self._probs = contents.probs    # here, not re-read
+        self._subcell_probs = contents.subcell_probs
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -121,11 +133,16 @@ class TileStore:
         """(N, C) float32 of every tile (rows of chunks not done are NaN)."""
         return self._probs.copy()
 
-    def write_chunks(self, chunks: Sequence[int], probs: np.ndarray) -> None:
+    def subcell_probs(self) -> np.ndarray | None:
+        """(N, k*k, C) float32 of every tile's sub-cells (NaN where not done); None without sub-cells."""
+        return None if self._subcell_probs is None else self._subcell_probs.copy()
+
+    def write_chunks(self, chunks: Sequence[int], probs: np.ndarray, subcell_probs: np.ndarray | None = None) -> None:
         """Store the probabilities of the finished ``chunks`` from ``probs`` ``(N, C)`` (every tile
-        of the grid, in grid order), then flag them done (in that order). One write of the rows
-        from the first to the last of them: rows of other chunks in between are written as
-        ``probs`` holds them (NaN, or what this store already held for them)."""
+        of the grid, in grid order) and ``subcell_probs`` ``(N, k*k, C)`` (with sub-cells), then
+        flag them done (in that order). One write of the rows from the first to the last of them:
+        rows of other chunks in between are written as the arrays hold them (NaN, or what this
+        store already held for them)."""
         if not len(chunks):
             return
         ks = np.asarray(chunks, np.int64)
@@ -133,6 +150,10 @@ class TileStore:
         rows = probs[start:stop].astype(np.float32, copy=False)
         self._group["probs"][start:stop] = rows
         self._probs[start:stop] = rows
+        if subcell_probs is not None:
+            sub_rows = subcell_probs[start:stop].astype(np.float32, copy=False)
+            self._group["subcell_probs"][start:stop] = sub_rows
+            self._subcell_probs[start:stop] = sub_rows
         done = self._done.copy()
         done[ks] = True
         self._group["chunk_done"][:] = done.astype(np.uint8)
@@ -192,7 +213,7 @@ def open_tile_store(path: str | os.PathLike, metadata: Mapping[str, Any], grid: 
         _remove(candidate)
     store = TileStore(path, _fresh(partial, want, grid), complete=False)
     if salvage is not None and salvage.done.any():
-        store.write_chunks(np.flatnonzero(salvage.done), salvage.probs)
+        store.write_chunks(np.flatnonzero(salvage.done), salvage.probs, salvage.subcell_probs)
     return store
 
 
@@ -212,8 +233,9 @@ def _reopen(path: Path, contents: _Contents) -> _Contents:
 def _fresh(path: Path, metadata: Mapping[str, Any], grid: Any) -> _Contents:
     group = _create(path, metadata, grid)
     n, k, c = len(grid), int(grid.n_chunks), len(metadata["class_names"])
+    sub = None if grid.subcell_fraction is None else np.full((n, grid.subcells ** 2, c), np.nan, np.float32)
     return _Contents(group, np.asarray(grid.chunk_starts, np.int64), np.full((n, c), np.nan, np.float32),
-                     np.zeros(k, bool), complete=False, problems=[])
+                     np.zeros(k, bool), complete=False, problems=[], subcell_probs=sub)
 
 
 @dataclass(frozen=True)
@@ -224,6 +246,7 @@ class StoredTiles:
     cols_rows: np.ndarray        # (N, 2) int32
     tissue_fraction: np.ndarray  # (N,) float32, of each tile's cell
     metadata: dict[str, Any]
+    subcell_tissue_fraction: np.ndarray | None = None  # (N, k*k) float32; None without sub-cells
 
 
 def read_tile_store(path: str | os.PathLike) -> StoredTiles:
@@ -241,10 +264,12 @@ def read_tile_store(path: str | os.PathLike) -> StoredTiles:
         raise TileStoreError(path, f"tile store is damaged: {problems[0]}{more} {_REDO}")
     group = contents.group
     attrs = dict(group.attrs)
-    return StoredTiles(predictions=TilePredictions(contents.probs, tuple(attrs["class_names"])),
+    return StoredTiles(predictions=TilePredictions(contents.probs, tuple(attrs["class_names"]), contents.subcell_probs),
                        cols_rows=np.asarray(group["cols_rows"][:]),
                        tissue_fraction=np.asarray(group["tissue_fraction"][:]),
-                       metadata=attrs)
+                       metadata=attrs,
+                       subcell_tissue_fraction=(np.asarray(group["subcell_tissue_fraction"][:])
+                                                if contents.subcell_probs is not None else None))
 
 
 class TileStoreError(OutputError):
@@ -265,6 +290,7 @@ class _Contents:
     done: np.ndarray     # (K,) bool
     complete: bool
     problems: list[str]
+    subcell_probs: np.ndarray | None = None  # (N, k*k, C) float32 with sub-cells
 
 
 def _inspect(path: Path, want: Mapping[str, Any] | None, grid: Any) -> _Contents | None:
@@ -289,9 +315,13 @@ def _inspect(path: Path, want: Mapping[str, Any] | None, grid: Any) -> _Contents
         return None
     problems: list[str] = []
     arrays = {}
-    for name, shape, dtype in (("cols_rows", (n, 2), "int32"), ("origins_l0", (n, 2), "float64"),
-                               ("tissue_fraction", (n,), "float32"), ("chunk_starts", (k + 1,), "int64"),
-                               ("probs", (n, c), "float32"), ("chunk_done", (k,), "uint8")):
+    kk = int(attrs.get("subcells", 1)) ** 2 if attrs.get("refine") == "dense" else 0
+    expected = [("cols_rows", (n, 2), "int32"), ("origins_l0", (n, 2), "float64"),
+                ("tissue_fraction", (n,), "float32"), ("chunk_starts", (k + 1,), "int64"),
+                ("probs", (n, c), "float32"), ("chunk_done", (k,), "uint8")]
+    if kk:
+        expected += [("subcell_tissue_fraction", (n, kk), "float32"), ("subcell_probs", (n, kk, c), "float32")]
+    for name, shape, dtype in expected:
         try:
             array = group[name]
             found = (tuple(array.shape), str(array.dtype))
@@ -303,7 +333,7 @@ def _inspect(path: Path, want: Mapping[str, Any] | None, grid: Any) -> _Contents
             continue
         arrays[name] = array
     values = {}
-    for name in ("cols_rows", "origins_l0", "tissue_fraction", "chunk_starts", "chunk_done"):
+    for name in ("cols_rows", "origins_l0", "tissue_fraction", "chunk_starts", "chunk_done", "subcell_tissue_fraction"):
         if name in arrays:
             try:
                 values[name] = np.asarray(arrays[name][:])
@@ -314,6 +344,9 @@ def _inspect(path: Path, want: Mapping[str, Any] | None, grid: Any) -> _Contents
                                ("tissue_fraction", grid.tissue_fraction), ("chunk_starts", grid.chunk_starts)):
             if name in values and not np.array_equal(values[name], expected):
                 problems.append(f"array {name} is not that of the tile grid")
+        if kk and "subcell_tissue_fraction" in values and not np.array_equal(
+                values["subcell_tissue_fraction"], np.asarray(grid.subcell_fraction, np.float32).reshape(n, kk)):
+            problems.append("array subcell_tissue_fraction is not that of the tile grid")
         starts = np.asarray(grid.chunk_starts, np.int64)
     elif "chunk_starts" in values and values["chunk_starts"][0] == 0 and values["chunk_starts"][-1] == n \
             and (np.diff(values["chunk_starts"]) >= 0).all():
@@ -322,22 +355,31 @@ def _inspect(path: Path, want: Mapping[str, Any] | None, grid: Any) -> _Contents
         starts = np.linspace(0, n, k + 1).astype(np.int64)  # only to report: nothing is done without chunk_starts
         values.pop("chunk_done", None)
         problems.append("array chunk_starts is not a partition of the tiles")
-    probs = np.full((n, c), np.nan, np.float32)
-    if "probs" in arrays:
-        step = max(1, int(arrays["probs"].chunks[0]))
-        for row in range(0, n, step):
-            try:
-                probs[row:row + step] = arrays["probs"][row:row + step]
-            except Exception as exc:
-                problems.append(f"array probs has an unreadable chunk file at row {row} ({type(exc).__name__})")
+    probs = _read_rows(arrays, "probs", (n, c), problems)
+    subcell_probs = _read_rows(arrays, "subcell_probs", (n, kk, c), problems) if kk else None
     done = values["chunk_done"].astype(bool) if "chunk_done" in values else np.zeros(k, bool)
     valid = _valid_rows(probs)
+    if subcell_probs is not None:
+        valid &= _valid_rows(subcell_probs.reshape(n * kk, c)).reshape(n, kk).all(axis=1)
     bad = [i for i in np.flatnonzero(done) if not valid[starts[i]:starts[i + 1]].all()]
     if bad:
         problems.append(f"{len(bad)} chunks flagged done have missing or invalid probabilities (first: chunk {bad[0]})")
         done[bad] = False
     complete = bool(attrs.get("complete")) and bool(done.all())
-    return _Contents(group, starts, probs, done, complete, problems)
+    return _Contents(group, starts, probs, done, complete, problems, subcell_probs)
+
+
+def _read_rows(arrays: Mapping[str, Any], name: str, shape: tuple[int, ...], problems: list[str]) -> np.ndarray:
+    """Array ``name`` read zarr chunk by zarr chunk (NaN where missing or unreadable; noted in ``problems``)."""
+    values = np.full(shape, np.nan, np.float32)
+    if name in arrays:
+        step = max(1, int(arrays[name].chunks[0]))
+        for row in range(0, shape[0], step):
+            try:
+                values[row:row + step] = arrays[name][row:row + step]
+            except Exception as exc:
+                problems.append(f"array {name} has an unreadable chunk file at row {row} ({type(exc).__name__})")
+    return values
 
 
 def _valid_rows(probs: np.ndarray) -> np.ndarray:
@@ -359,6 +401,13 @@ def _create(path: Path, metadata: Mapping[str, Any], grid: Any) -> Any:
                        chunks=(rows,))
     group.create_array("chunk_starts", data=np.ascontiguousarray(grid.chunk_starts, np.int64))
     group.create_array("probs", shape=(n, c), chunks=(rows, c), dtype="float32", fill_value=np.nan)
+    if grid.subcell_fraction is not None:
+        kk = grid.subcells ** 2
+        sub_rows = max(1, min(n, _ROWS_PER_ZARR_CHUNK // kk))
+        group.create_array("subcell_tissue_fraction", data=np.ascontiguousarray(grid.subcell_fraction.reshape(n, kk)),
+                           chunks=(sub_rows, kk))
+        group.create_array("subcell_probs", shape=(n, kk, c), chunks=(sub_rows, kk, c), dtype="float32",
+                           fill_value=np.nan)
     group.create_array("chunk_done", shape=(k,), chunks=(max(1, k),), dtype="uint8", fill_value=0)
     group.attrs.update({"format": STORE_FORMAT, "n_tiles": n, "n_chunks": k, **metadata, "complete": False})
     return group

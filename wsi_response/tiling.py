@@ -8,6 +8,11 @@ counted once. Tiles are read from the coarsest pyramid level at least as fine as
 (a 0.25 µm/px slide with levels ×1, ×4, ×16 reads level 1 for 1.0 µm/px) and resampled to
 ``tile_px`` when that level is not exactly at the target.
 
+Sub-cells (``cfg.refine = "dense"``). Each cell is also split into ``k`` × ``k`` sub-cells
+(``k = cfg.subcells``, side ``stride_px / k``) with their own exact tissue fractions
+(``subcell_fraction``); :meth:`TileGrid.subcell_grid` is the grid of those sub-cells, and
+:func:`subcell_pool_weights` says which part of a tile's CNN feature map lies under each sub-cell.
+
 Tiles are ordered chunk by chunk (a chunk is a block of cells read with one region read), so a
 contiguous range of tile indices is a set of whole chunks: worker processes take contiguous
 chunks and each chunk costs one read.
@@ -27,7 +32,7 @@ from .jpegtiles import MAX_PROBE_MAD, JpegTileReader, mean_abs_diff, open_jpeg_t
 from .slide import Slide
 from .tissue import TissueMask
 
-__all__ = ["TileGrid", "TileReader", "tile_grid", "cell_means", "resample_tile"]
+__all__ = ["TileGrid", "TileReader", "tile_grid", "cell_means", "resample_tile", "subcell_pool_weights"]
 
 
 @dataclass(frozen=True)
@@ -38,12 +43,13 @@ class TileGrid:
     tissue_fraction: np.ndarray  # (N,) float32 tissue fraction of each tile's cell
     chunk_starts: np.ndarray     # (K+1,) int64; chunk k holds tiles chunk_starts[k]:chunk_starts[k+1]
     tile_px: int                 # tile side at read_mpp, px
-    stride_px: int               # cell side at read_mpp, px
+    stride_px: int               # cell side at read_mpp, px (fractional in a sub-cell grid)
     read_mpp: float              # µm/px of the tiles
     slide_mpp: float             # µm per level-0 px
     read_level: int              # pyramid level the pixels come from
     level_downsample: float      # level-0 px per read-level px
     chunk_cells: int             # cells per chunk side
+    subcell_fraction: np.ndarray | None = None  # (N, k, k) float32 tissue fraction of each sub-cell [row, col]; None: no sub-cells
 
     def __len__(self) -> int:
         return int(self.cols_rows.shape[0])
@@ -112,13 +118,34 @@ class TileGrid:
     def n_chunks(self) -> int:
         return int(self.chunk_starts.shape[0] - 1)
 
+    @property
+    def subcells(self) -> int:
+        """Sub-cells per cell side (1 without sub-cells)."""
+        return 1 if self.subcell_fraction is None else int(self.subcell_fraction.shape[1])
+
+    def subcell_grid(self) -> "TileGrid":
+        """The grid whose cells are this grid's sub-cells (cell side ``stride_px / k``, tiles of the
+        same size; for drawing and measuring regions, not for reading tiles), tile by tile
+        and row-major inside each tile, so sub-cell ``i * k + j`` of tile ``t`` is row ``t * k² + i * k + j``."""
+        if self.subcell_fraction is None:
+            raise ValueError("the grid has no sub-cells (tiling.refine is none)")
+        k = self.subcells
+        i, j = np.divmod(np.arange(k * k), k)
+        cols_rows = (self.cols_rows[:, None, :] * k + np.stack([j, i], axis=1)[None]).reshape(-1, 2)
+        side = self.stride_px / k if self.stride_px % k else self.stride_px // k
+        return replace(self, cols_rows=cols_rows.astype(np.int32), tissue_fraction=self.subcell_fraction.reshape(-1),
+                       chunk_starts=self.chunk_starts * k * k, tile_px=side, stride_px=side,
+                       chunk_cells=self.chunk_cells * k, subcell_fraction=None)
+
     def subset(self, keep: np.ndarray) -> "TileGrid":
         """The grid of the tiles where ``keep`` (N,) bool is True, chunk order kept."""
         cols_rows = self.cols_rows[keep]
         blocks = cols_rows // self.chunk_cells
         change = np.flatnonzero((np.diff(blocks, axis=0) != 0).any(axis=1)) + 1 if len(blocks) else []
         starts = np.concatenate([[0], change, [len(blocks)]]).astype(np.int64) if len(blocks) else np.zeros(1, np.int64)
-        return replace(self, cols_rows=cols_rows, tissue_fraction=self.tissue_fraction[keep], chunk_starts=starts)
+        sub = None if self.subcell_fraction is None else self.subcell_fraction[keep]
+        return replace(self, cols_rows=cols_rows, tissue_fraction=self.tissue_fraction[keep], chunk_starts=starts,
+                       subcell_fraction=sub)
 
 
 def tile_grid(slide: Slide, mask: TissueMask, cfg: TilingConfig = TilingConfig()) -> TileGrid:
@@ -143,6 +170,11 @@ def tile_grid(slide: Slide, mask: TissueMask, cfg: TilingConfig = TilingConfig()
     rows, cols, chunk_id = rows[order], cols[order], chunk_id[order]
     boundaries = np.flatnonzero(np.diff(chunk_id)) + 1
     chunk_starts = np.concatenate([[0], boundaries, [len(rows)]]).astype(np.int64) if len(rows) else np.zeros(1, np.int64)
+    subcell_fraction = None
+    if cfg.refine != "none":
+        k = cfg.subcells
+        sub = np.clip(_box_means(mask.mask, stride_l0 / k / mask.downsample, n_rows * k, n_cols * k), 0.0, 1.0)
+        subcell_fraction = sub.reshape(n_rows, k, n_cols, k)[rows, :, cols, :].astype(np.float32)
     return TileGrid(
         cols_rows=np.stack([cols, rows], axis=1).astype(np.int32),
         tissue_fraction=fractions[rows, cols].astype(np.float32),
@@ -154,7 +186,23 @@ def tile_grid(slide: Slide, mask: TissueMask, cfg: TilingConfig = TilingConfig()
         read_level=level,
         level_downsample=level_ds,
         chunk_cells=chunk_cells,
+        subcell_fraction=subcell_fraction,
     )
+
+
+def subcell_pool_weights(grid: TileGrid, feature_px: int) -> np.ndarray:
+    """(k, feature_px) float32: along one axis, the share of sub-cell ``i`` covered by position
+    ``p`` of a ``feature_px``-wide feature map that spans the whole tile (rows sum to 1).
+
+    The cell is the tile's central ``stride_px``; sub-cell ``i`` spans tile px
+    ``[margin + i * s, margin + (i + 1) * s)`` with ``s = stride_px / k``; position ``p`` spans
+    ``[p, p + 1) * tile_px / feature_px``.
+    """
+    k = grid.subcells
+    sub = grid.margin_px + np.arange(k + 1) * (grid.stride_px / k)
+    pos = np.arange(feature_px + 1) * (grid.tile_px / feature_px)
+    overlap = np.clip(np.minimum(sub[1:, None], pos[None, 1:]) - np.maximum(sub[:-1, None], pos[None, :-1]), 0, None)
+    return (overlap / overlap.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def cell_means(grid: TileGrid, image: np.ndarray, downsample: float) -> np.ndarray:
