@@ -34,6 +34,7 @@ from .qc import slide_qc, specimen_qc
 from .config import Config, QcConfig, config_to_dict
 from .errors import OutputError, WsiResponseError
 from .focus import FocusJob
+from .footprint import check_memory, check_mpp_argument
 from .quantify import SlideAreas, slide_areas_from_tiles, specimen_areas
 from .report import box_thumbnail, heatmap_png, mask_on_thumbnail, overlay_png, render_report
 from .slide import Slide, open_slide
@@ -115,8 +116,11 @@ def current_slide_record(slide_dir: Path, path: str | Path, model_sha256: str | 
 
 
 def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: Any, cfg: Config, *,
-                  mpp: float | None = None, progress: Progress | None = None) -> dict[str, Any]:
+                  mpp: float | None = None, force_mpp: bool = False, progress: Progress | None = None
+                  ) -> dict[str, Any]:
     """Run one slide end to end into ``slide_dir``; returns its ``slide.json`` record.
+
+    ``mpp`` and ``force_mpp``: as :func:`~wsi_response.slide.open_slide`.
 
     Raises :class:`WsiResponseError` for a bad slide (the caller records it as failed). The
     slide's old ``slide.json`` and writers' leftover temporary files are removed first.
@@ -131,8 +135,9 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
     (slide_dir / "slide.json").unlink(missing_ok=True)  # a slide being redone never looks done
     if slide_dir.is_dir():
         remove_partials(slide_dir)
-    slide = open_slide(path, mpp=mpp)
+    slide = open_slide(path, mpp=mpp, force_mpp=force_mpp)
     try:
+        check_memory(slide, cfg)
         overview = read_overview(slide, cfg.tissue.mask_mpp)
         mask, artefacts = _tissue_and_artefacts(slide, overview, cfg)
         usable = TissueMask(mask.mask & ~artefacts.any, mask.downsample, mask.mpp)
@@ -358,12 +363,15 @@ def _stored_areas(slide_dir: Path, record: Mapping[str, Any]) -> SlideAreas:
 
 
 def run_specimen(paths: Sequence[str | Path], specimen_id: str, out_dir: Path, classifier: Any, cfg: Config, *,
-                 mpp: float | None = None, quiet: bool = False) -> dict[str, Any]:
+                 mpp: float | None = None, force_mpp: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Score every slide of one specimen and aggregate; a failing slide is recorded and skipped.
 
-    Slides already done (a current ``ok``/``ok_empty`` ``slide.json``, same ``mpp`` override) are
-    kept, not redone.
+    ``mpp`` / ``force_mpp``: as :func:`~wsi_response.slide.open_slide`; a value that is implausible,
+    disagrees with a slide's own MPP (not forced) or makes a slide need too much memory is a
+    :class:`ConfigError` before anything is computed or written. Slides already done (a current
+    ``ok``/``ok_empty`` ``slide.json`` measured at the MPP this run would use) are kept, not redone.
     """
+    check_mpp_argument(paths, mpp, cfg, force=force_mpp)
     specimen_dir = Path(out_dir) / specimen_id
     check_writable(specimen_dir)
     ids = unique_slide_ids(paths)
@@ -373,10 +381,10 @@ def run_specimen(paths: Sequence[str | Path], specimen_id: str, out_dir: Path, c
         slide_dir = specimen_dir / "slides" / slide_id
         if progress:
             progress.start_slide(index, slide_id)
-        if _finished(current_slide_record(slide_dir, Path(path), classifier.sha256, cfg_sha), mpp):
+        if _finished(current_slide_record(slide_dir, Path(path), classifier.sha256, cfg_sha), mpp, force_mpp):
             continue
         try:
-            process_slide(path, slide_id, slide_dir, classifier, cfg, mpp=mpp,
+            process_slide(path, slide_id, slide_dir, classifier, cfg, mpp=mpp, force_mpp=force_mpp,
                           progress=progress.tiles if progress else None)
         except Exception as exc:  # a bad slide is recorded and skipped; the environment stops the run
             raise_if_environment(exc, specimen_dir)
@@ -387,11 +395,14 @@ def run_specimen(paths: Sequence[str | Path], specimen_id: str, out_dir: Path, c
     return aggregate_specimen(specimen_dir, specimen_id, slide_ids=ids)
 
 
-def _finished(record: Mapping[str, Any] | None, mpp: float | None) -> bool:
-    """Whether ``record`` is a done slide measured with the same ``--mpp`` override (or none)."""
+def _finished(record: Mapping[str, Any] | None, mpp: float | None, force_mpp: bool) -> bool:
+    """Whether ``record`` is a done slide measured at the MPP this run uses: the same override where
+    it had one (``--mpp`` for a slide without MPP, or forced), else its own (unless now forced)."""
     if record is None or record["status"] not in ("ok", "ok_empty"):
         return False
-    return record.get("mpp") == mpp if mpp is not None else record.get("mpp_source") != "override"
+    if record.get("mpp_source") == "override":
+        return mpp is not None and record.get("mpp") == mpp
+    return not force_mpp
 
 
 class _stderr_progress:
