@@ -9,7 +9,7 @@ import pytest
 import tifffile
 
 from wsi_response import cli
-from wsi_response.errors import MissingMppError, SlideFormatError, SlideNotFoundError
+from wsi_response.errors import ConfigError, MissingMppError, SlideFormatError, SlideNotFoundError
 from wsi_response.slide import open_slide
 
 
@@ -63,9 +63,16 @@ def test_mpp_from_tiff_resolution_tags(synth_tiff_slide):
     assert slide.mpp_source == "tiff-resolution"
 
 
-def test_mpp_override_wins(cmu_slide_path):
-    slide = open_slide(cmu_slide_path, mpp=0.25)
-    assert slide.mpp == 0.25 and slide.mpp_source == "override"
+def test_mpp_must_agree_with_the_slides_own_unless_forced(cmu_slide_path):
+    with pytest.raises(ConfigError) as err:
+        open_slide(cmu_slide_path, mpp=0.25)
+    assert str(err.value) == (f"{cmu_slide_path}: --mpp 0.25 disagrees with the slide's own MPP 0.499 µm/px (vendor "
+                              "metadata; more than 1% apart); to measure it at 0.25 µm/px anyway pass --force-mpp "
+                              "0.25 instead")
+    agreeing = open_slide(cmu_slide_path, mpp=0.5)  # within 1 %: the slide's own MPP is used
+    assert agreeing.mpp == pytest.approx(0.499) and agreeing.mpp_source == "metadata"
+    forced = open_slide(cmu_slide_path, mpp=0.25, force_mpp=True)
+    assert forced.mpp == 0.25 and forced.mpp_source == "override"
 
 
 def test_tiff_without_mpp_needs_override(tmp_path):
@@ -79,9 +86,9 @@ def test_tiff_without_mpp_needs_override(tmp_path):
 
 
 def test_slide_pickles_and_reopens(cmu_slide_path):
-    slide = open_slide(cmu_slide_path, backend="tiffslide", mpp=0.5)
+    slide = open_slide(cmu_slide_path, backend="tiffslide", mpp=0.5, force_mpp=True)
     clone = pickle.loads(pickle.dumps(slide))
-    assert clone.backend == "tiffslide" and clone.mpp == 0.5 and clone.mpp_source == "override"
+    assert clone.backend == "tiffslide" and clone.mpp == 0.5 and clone.mpp_source == "override" and clone.force_mpp
     assert np.array_equal(clone.read_region((10, 10), 0, (64, 64)), slide.read_region((10, 10), 0, (64, 64)))
 
 

@@ -6,8 +6,10 @@ whose string metadata key ``"wsi_response"`` holds JSON::
     format, arch, class_names, target_mpp (µm/px), tile_px, mean, std (input normalisation of
     RGB in [0, 1]), weights_dtype, trained_on {...}, metrics {...}, software_version
 
-safetensors never executes code on load (no pickle). The file's sha256 identifies the model in
-every result. No creation time is stored, so the same training gives a byte-identical file.
+safetensors never executes code on load (no pickle). A checkpoint whose metadata has a wrong
+type or a value that is not finite (or a std that is not positive), or whose weights hold NaN or
+inf, is refused at load with a one-line ``ModelError``: its outputs could not be trusted. The
+file's sha256 identifies the model in every result. No creation time is stored, so the same training gives a byte-identical file.
 Backbones come from timm by name, always with ``pretrained=False`` (no downloads); local
 pretrained backbone weights can be given as a file.
 """
@@ -201,18 +203,9 @@ def load_classifier(path: str | os.PathLike, tiling: TilingConfig | None = None)
         state = load(data)
     except Exception as exc:
         raise ModelError(path, f"corrupt safetensors data ({' '.join(str(exc).split())[:200]})") from None
-    try:
-        arch = str(meta["arch"])
-        class_names = tuple(str(c) for c in meta["class_names"])
-        target_mpp, tile_px = float(meta["target_mpp"]), int(meta["tile_px"])
-        mean = tuple(float(v) for v in meta["mean"])
-        std = tuple(float(v) for v in meta["std"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(path, f"checkpoint metadata lacks or garbles {exc}") from None
+    arch, class_names, target_mpp, tile_px, mean, std = _checked_fields(path, meta)
     if class_names != CLASSES:
         raise ModelError(path, f"model classes {list(class_names)} differ from {list(CLASSES)}")
-    if len(mean) != 3 or len(std) != 3:
-        raise ModelError(path, "checkpoint metadata: mean and std need 3 values (RGB)")
     try:
         model = build_model(arch, len(class_names))
     except ConfigError as exc:
@@ -224,14 +217,56 @@ def load_classifier(path: str | os.PathLike, tiling: TilingConfig | None = None)
     except RuntimeError as exc:
         first = " ".join(str(exc).split())[:300]
         raise ModelError(path, f"weights do not fit arch {arch!r}: {first}") from None
+    broken = sorted(name for name, tensor in state.items()
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all())
+    if broken:
+        raise ModelError(path, f"weights hold NaN or inf in {len(broken)} tensor(s) (first: {broken[0]}); the "
+                         "model's outputs would not be numbers: a corrupt file or a diverged training")
     model.eval()
     clf = Classifier(model=model, arch=arch, class_names=class_names, target_mpp=target_mpp, tile_px=tile_px,
-                     mean=mean, std=std, trained_on=meta.get("trained_on", {}), metrics=meta.get("metrics", {}),
-                     software_version=str(meta.get("software_version", "")), path=path,
+                     mean=mean, std=std, trained_on=meta["trained_on"], metrics=meta["metrics"],
+                     software_version=meta["software_version"], path=path,
                      sha256=hashlib.sha256(data).hexdigest())
     if tiling is not None:
         clf.check_compatible(tiling)
     return clf
+
+
+def _checked_fields(path: Path, meta: dict[str, Any]
+                    ) -> tuple[str, tuple[str, ...], float, int, tuple[float, ...], tuple[float, ...]]:
+    """arch, class names, target_mpp, tile_px, mean and std of checkpoint metadata ``meta``, each
+    checked for its type and range (a ``ModelError`` naming the first bad one)."""
+    def bad(key: str, want: str) -> ModelError:
+        shown = json.dumps(meta[key], allow_nan=True)[:60] if key in meta else "missing"
+        return ModelError(path, f"checkpoint metadata: {key} must be {want}, got {shown}")
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def rgb(key: str, positive: bool) -> tuple[float, ...]:
+        value = meta.get(key)
+        if not (isinstance(value, list) and len(value) == 3 and all(number(v) and (v > 0 or not positive)
+                                                                     for v in value)):
+            raise bad(key, f"3 {'positive ' if positive else ''}finite numbers (RGB)")
+        return tuple(float(v) for v in value)
+
+    if not (isinstance(meta.get("arch"), str) and meta["arch"]):
+        raise bad("arch", "a timm model name")
+    if not (isinstance(meta.get("class_names"), list) and all(isinstance(c, str) for c in meta["class_names"])):
+        raise bad("class_names", "a list of names")
+    if not (number(meta.get("target_mpp")) and meta["target_mpp"] > 0):
+        raise bad("target_mpp", "a positive finite number (µm/px)")
+    if not (isinstance(meta.get("tile_px"), int) and not isinstance(meta["tile_px"], bool) and meta["tile_px"] > 0):
+        raise bad("tile_px", "a positive whole number (px)")
+    mean, std = rgb("mean", positive=False), rgb("std", positive=True)
+    for key in ("trained_on", "metrics"):
+        meta.setdefault(key, {})
+        if not isinstance(meta[key], dict):
+            raise bad(key, "a mapping")
+    meta.setdefault("software_version", "")
+    if not isinstance(meta["software_version"], str):
+        raise bad("software_version", "a string")
+    return (meta["arch"], tuple(meta["class_names"]), float(meta["target_mpp"]), int(meta["tile_px"]), mean, std)
 
 
 def _read_metadata(path: Path, data: bytes) -> dict[str, Any]:
@@ -243,9 +278,19 @@ def _read_metadata(path: Path, data: bytes) -> dict[str, Any]:
         raise ModelError(path, "not a safetensors file (bad header length); .pth/.ckpt pickles are not loaded")
     try:
         header = json.loads(data[8:8 + n])
-        meta = json.loads(header["__metadata__"][_META_KEY])
-    except (ValueError, KeyError, TypeError):
-        raise ModelError(path, "safetensors file without wsi-response metadata (not a wsi-response model)") from None
+    except ValueError:
+        raise ModelError(path, "not a safetensors file (its header is not JSON)") from None
+    extra = header.get("__metadata__") if isinstance(header, dict) else None
+    raw = extra.get(_META_KEY) if isinstance(extra, dict) else None
+    if raw is None:
+        raise ModelError(path, "safetensors file without wsi-response metadata (not a wsi-response model)")
+    try:
+        meta = json.loads(raw)
+    except (ValueError, TypeError) as exc:
+        raise ModelError(path, f"checkpoint metadata is not valid JSON ({' '.join(str(exc).split())[:120]})") from None
+    if not isinstance(meta, dict):
+        raise ModelError(path, f"checkpoint metadata is a JSON {type(meta).__name__}, not an object (not a "
+                         "wsi-response model)")
     if meta.get("format") != FORMAT:
         raise ModelError(path, f"unsupported checkpoint format {meta.get('format')!r} (expected {FORMAT})")
     return meta

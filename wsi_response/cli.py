@@ -36,10 +36,25 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def _mpp_args(args: argparse.Namespace) -> tuple[float | None, bool]:
+    """The ``--mpp`` or ``--force-mpp`` value (µm/px, None if neither) and whether it is forced."""
+    return (args.force_mpp, True) if args.force_mpp is not None else (args.mpp, False)
+
+
+def _add_mpp_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--mpp", type=float, default=None, metavar="UM",
+                       help="µm per level-0 px of slides without their own MPP (where a slide has one, they must "
+                            "agree within 1 %%)")
+    group.add_argument("--force-mpp", type=float, default=None, metavar="UM",
+                       help="µm per level-0 px replacing every slide's own MPP (recorded as mpp_source override)")
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .slide import open_slide
 
-    slide = open_slide(args.slide, backend=args.backend, mpp=args.mpp)
+    mpp, force = _mpp_args(args)
+    slide = open_slide(args.slide, backend=args.backend, mpp=mpp, force_mpp=force)
     info = slide.info()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -158,7 +173,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not slides:
         raise ConfigError("run: no slide given")
     cfg, classifier = _load_run_setup(args, overrides)
-    result = run_specimen(slides, args.specimen, args.out, classifier, cfg, mpp=args.mpp, quiet=args.quiet)
+    mpp, force = _mpp_args(args)
+    result = run_specimen(slides, args.specimen, args.out, classifier, cfg, mpp=mpp, force_mpp=force,
+                          quiet=args.quiet)
     _print_specimen(result, args.out, args.json)
     return _exit_code(result)
 
@@ -308,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("slide", type=Path)
     p.add_argument("--json", action="store_true", help="print JSON (field names as in slide.json)")
     p.add_argument("--backend", choices=("auto", "openslide", "tiffslide"), default="auto")
-    p.add_argument("--mpp", type=float, default=None, help="override the slide's µm per level-0 pixel")
+    _add_mpp_options(p)
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("synth", help="write a synthetic H&E specimen with exact ground truth")
@@ -356,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="+", metavar="SLIDE|key=value", help="slide files, then config overrides")
     p.add_argument("--specimen", required=True, help="specimen id (folder name under --out)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--mpp", type=float, default=None, help="µm per level-0 px for slides without MPP")
+    _add_mpp_options(p)
     p.add_argument("--json", action="store_true", help="print specimen.json to stdout")
     run_options(p)
     p.set_defaults(func=_cmd_run)

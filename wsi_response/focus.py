@@ -24,7 +24,7 @@ from .smoothing import block_mean
 from .tiling import TileGrid, TileReader, tile_grid
 from .tissue import TissueMask
 
-__all__ = ["FocusJob", "blur_layer", "detail_energies"]
+__all__ = ["FocusJob", "blur_layer", "detail_energies", "focus_k", "focus_cells_config"]
 
 _CELL_MASK_PX = 64  # mask px per side of one read cell
 _HALO_PX = 16       # focus px read around each cell: the filters' reach, so cells join seamlessly
@@ -68,7 +68,7 @@ class FocusJob:
 
     def __init__(self, slide: Slide, mask: TissueMask, focus_mpp: float, workers: int = 0) -> None:
         self.slide = slide
-        self.k = 2 * max(1, int(round(mask.mpp / focus_mpp / 2)))
+        self.k = focus_k(mask.mpp, focus_mpp)
         self.grid = self._cells(mask)
         self.fine = np.zeros(mask.mask.shape, np.float32)
         self.band = np.zeros(mask.mask.shape, np.float32)
@@ -87,9 +87,7 @@ class FocusJob:
 
     def _cells(self, mask: TissueMask) -> TileGrid:
         """The cells holding any px of ``mask``, read with their halo at ``mask.mpp / k`` µm/px."""
-        side = _CELL_MASK_PX * self.k
-        return tile_grid(self.slide, mask, TilingConfig(target_mpp=mask.mpp / self.k, tile_px=side + 2 * _HALO_PX,
-                                                        stride_px=side, min_tissue_fraction=0.0))
+        return tile_grid(self.slide, mask, focus_cells_config(mask.mpp, self.k))
 
     def result(self, mask: TissueMask | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The ``(fine, band)`` planes, once every cell is done (re-raises a worker's error).
@@ -147,6 +145,18 @@ class FocusJob:
                     self.band[y0:y1, x0:x1] = b[:y1 - y0, :x1 - x0]
         except BaseException as exc:  # handed to result() in the caller's thread
             self._error = exc
+
+
+def focus_k(mask_mpp: float, focus_mpp: float) -> int:
+    """Focus px per mask px: the even number closest to ``mask_mpp / focus_mpp`` (at least 2)."""
+    return 2 * max(1, int(round(mask_mpp / focus_mpp / 2)))
+
+
+def focus_cells_config(mask_mpp: float, k: int) -> TilingConfig:
+    """The read cells of the focus measure: ``_CELL_MASK_PX`` mask px each, with their halo, at
+    ``mask_mpp / k`` µm/px."""
+    side = _CELL_MASK_PX * k
+    return TilingConfig(target_mpp=mask_mpp / k, tile_px=side + 2 * _HALO_PX, stride_px=side, min_tissue_fraction=0.0)
 
 
 def _is_in(cols_rows: np.ndarray, among: np.ndarray) -> np.ndarray:

@@ -23,8 +23,9 @@ The main process re-batches tiles on the device to ``batch_size`` and runs :clas
 normalisation on the device, channels_last, autocast on CUDA (bf16 / fp16; CPU stays float32),
 optionally ``torch.compile`` (CUDA), under ``torch.inference_mode``; each batch's ``(N, C)``
 float32 probabilities are copied to pinned host memory asynchronously and read one batch later,
-so the GPU is never idle while the host fetches the next batch. Memory stays flat as slides
-grow. With a ``store`` path, finished chunks are written to the resumable zarr tile store
+so the GPU is never idle while the host fetches the next batch. A batch whose probabilities are
+not all finite fails the slide (``ModelError``): it is never stored or counted. Memory stays flat
+as slides grow. With a ``store`` path, finished chunks are written to the resumable zarr tile store
 (:mod:`wsi_response.store`) and skipped on a rerun: the first at once, then together every
 ``STORE_EVERY_S`` seconds, at the end and when reading or the model fails (a write per chunk,
 about 10 ms, would cap a GPU run at a few thousand tiles/s), so a killed run loses at most about
@@ -501,7 +502,7 @@ def predict(slide: Slide, grid: TileGrid, classifier: Classifier, *, batch_size:
 
         def finish(chunk_ids: np.ndarray, indices: np.ndarray, result: Callable[[], np.ndarray]) -> None:
             nonlocal n_done
-            out = result()
+            out = _finite(result(), classifier, slide)
             if sub is None:
                 probs[indices] = out
             else:
@@ -550,6 +551,17 @@ def _device_decoder(slide: Slide, grid: TileGrid, reader: TileReader, dev: torch
         warnings.warn(f"inference.decode=device: {slide.path.name}: {exc}; decoding in the workers instead",
                       RuntimeWarning, stacklevel=3)
         return None
+
+
+def _finite(batch: np.ndarray, classifier: Classifier, slide: Slide) -> np.ndarray:
+    """``batch`` of probabilities ``(n, C)`` (or ``(n, 1 + k*k, C)`` with sub-cells), or a
+    ``ModelError`` when any is NaN or inf."""
+    finite = np.isfinite(batch.reshape(len(batch), -1)).all(axis=1)
+    if not finite.all():
+        raise ModelError(classifier.path or classifier.arch,
+                         f"gave class probabilities that are not numbers (NaN or inf) for {int((~finite).sum())} "
+                         f"of {len(batch)} tiles of a batch of {slide.path}; the slide gets no result")
+    return batch
 
 
 def _check_grid(grid: TileGrid, classifier: Classifier) -> None:

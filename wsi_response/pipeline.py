@@ -35,6 +35,7 @@ from .config import Config, QcConfig, config_to_dict
 from .errors import OutputError, WsiResponseError
 from .locks import specimen_locks
 from .focus import FocusJob
+from .footprint import check_memory, check_mpp_argument
 from .quantify import SlideAreas, slide_areas, slide_areas_from_tiles, specimen_areas
 from .report import box_thumbnail, heatmap_png, mask_on_thumbnail, overlay_png, render_report
 from .slide import Slide, open_slide
@@ -128,8 +129,11 @@ def damaged_store(slide_dir: Path, record: Mapping[str, Any]) -> str | None:
 
 
 def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: Any, cfg: Config, *,
-                  mpp: float | None = None, progress: Progress | None = None) -> dict[str, Any]:
+                  mpp: float | None = None, force_mpp: bool = False, progress: Progress | None = None
+                  ) -> dict[str, Any]:
     """Run one slide end to end into ``slide_dir``; returns its ``slide.json`` record.
+
+    ``mpp`` and ``force_mpp``: as :func:`~wsi_response.slide.open_slide`.
 
     Raises :class:`WsiResponseError` for a bad slide (the caller records it as failed). The
     slide's old ``slide.json`` and writers' leftover temporary files are removed first. The caller
@@ -145,8 +149,9 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
     (slide_dir / "slide.json").unlink(missing_ok=True)  # a slide being redone never looks done
     if slide_dir.is_dir():
         remove_partials(slide_dir)
-    slide = open_slide(path, mpp=mpp)
+    slide = open_slide(path, mpp=mpp, force_mpp=force_mpp)
     try:
+        check_memory(slide, cfg)
         overview = read_overview(slide, cfg.tissue.mask_mpp)
         mask, artefacts = _tissue_and_artefacts(slide, overview, cfg)
         usable = TissueMask(mask.mask & ~artefacts.any, mask.downsample, mask.mpp)
@@ -405,22 +410,26 @@ def _area_cells(grid: TileGrid, predictions: TilePredictions) -> tuple[TileGrid,
 
 
 def run_specimen(paths: Sequence[str | Path], specimen_id: str, out_dir: Path, classifier: Any, cfg: Config, *,
-                 mpp: float | None = None, quiet: bool = False) -> dict[str, Any]:
+                 mpp: float | None = None, force_mpp: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Score every slide of one specimen and aggregate; a failing slide is recorded and skipped.
 
-    Slides already done (a current ``ok``/``ok_empty`` ``slide.json``, same ``mpp`` override, an
-    intact tile store) are kept, not redone. Holds the locks of the specimen folder and of its
-    slides' folders throughout; raises :class:`~wsi_response.locks.FolderBusyError` at once when
-    another process holds one.
+    ``mpp`` / ``force_mpp``: as :func:`~wsi_response.slide.open_slide`; a value that is implausible,
+    disagrees with a slide's own MPP (not forced) or makes a slide need too much memory is a
+    :class:`ConfigError` before anything is computed or written. Slides already done (a current
+    ``ok``/``ok_empty`` ``slide.json`` measured at the MPP this run would use, an intact tile store)
+    are kept, not redone. Holds the locks of the specimen folder and of its slides' folders
+    throughout; raises :class:`~wsi_response.locks.FolderBusyError` at once when another process
+    holds one.
     """
+    check_mpp_argument(paths, mpp, cfg, force=force_mpp)
     specimen_dir = Path(out_dir) / specimen_id
     check_writable(specimen_dir)
     with specimen_locks(specimen_dir, unique_slide_ids(paths)):
-        return _run_locked(paths, specimen_id, out_dir, classifier, cfg, mpp=mpp, quiet=quiet)
+        return _run_locked(paths, specimen_id, out_dir, classifier, cfg, mpp=mpp, force_mpp=force_mpp, quiet=quiet)
 
 
 def _run_locked(paths: Sequence[str | Path], specimen_id: str, out_dir: Path, classifier: Any, cfg: Config, *,
-                mpp: float | None = None, quiet: bool = False) -> dict[str, Any]:
+                mpp: float | None = None, force_mpp: bool = False, quiet: bool = False) -> dict[str, Any]:
     specimen_dir = Path(out_dir) / specimen_id
     ids = unique_slide_ids(paths)
     cfg_sha = config_sha256(cfg)
@@ -430,10 +439,10 @@ def _run_locked(paths: Sequence[str | Path], specimen_id: str, out_dir: Path, cl
         if progress:
             progress.start_slide(index, slide_id)
         record = current_slide_record(slide_dir, Path(path), classifier.sha256, cfg_sha)
-        if _finished(record, mpp) and not _report_damage(damaged_store(slide_dir, record)):
+        if _finished(record, mpp, force_mpp) and not _report_damage(damaged_store(slide_dir, record)):
             continue
         try:
-            process_slide(path, slide_id, slide_dir, classifier, cfg, mpp=mpp,
+            process_slide(path, slide_id, slide_dir, classifier, cfg, mpp=mpp, force_mpp=force_mpp,
                           progress=progress.tiles if progress else None)
         except Exception as exc:  # a bad slide is recorded and skipped; the environment stops the run
             raise_if_environment(exc, specimen_dir)
@@ -450,11 +459,14 @@ def _report_damage(problem: str | None) -> str | None:
     return problem
 
 
-def _finished(record: Mapping[str, Any] | None, mpp: float | None) -> bool:
-    """Whether ``record`` is a done slide measured with the same ``--mpp`` override (or none)."""
+def _finished(record: Mapping[str, Any] | None, mpp: float | None, force_mpp: bool) -> bool:
+    """Whether ``record`` is a done slide measured at the MPP this run uses: the same override where
+    it had one (``--mpp`` for a slide without MPP, or forced), else its own (unless now forced)."""
     if record is None or record["status"] not in ("ok", "ok_empty"):
         return False
-    return record.get("mpp") == mpp if mpp is not None else record.get("mpp_source") != "override"
+    if record.get("mpp_source") == "override":
+        return mpp is not None and record.get("mpp") == mpp
+    return not force_mpp
 
 
 class _stderr_progress:

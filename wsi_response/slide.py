@@ -5,10 +5,18 @@ level); sizes are ``(width, height)``; arrays are ``[y, x, rgb]`` uint8. Transpa
 out-of-slide pixels are returned as white (255), like glass.
 
 Bad input is refused at open time with a one-line :class:`SlideFormatError` where the file's
-structure shows it (empty, text, truncated, samples other than 8-bit, a level whose smallest
-decodable unit needs more than :data:`MAX_DECODE_BYTES`), and at read time with a
-:class:`SlideReadError` naming the level and the stored tile whose data is corrupt. OpenSlide's
-handle is unusable after a decode error; the backend handle replaces it before raising.
+structure shows it (empty, text, truncated, samples other than 8-bit, colour other than RGB or
+YCbCr with at most an alpha channel, a level whose smallest decodable unit needs more than
+:data:`MAX_DECODE_BYTES`, pixels whose width and height differ by more than
+:data:`MPP_TOLERANCE`), and at read time with a :class:`SlideReadError` naming the level and the
+stored tile whose data is corrupt. OpenSlide's handle is unusable after a decode error; the
+backend handle replaces it before raising.
+
+MPP: the file's own (vendor metadata, else TIFF resolution tags) unless ``force_mpp``. A value in
+the file that is not a number, not finite, not positive or outside :data:`MPP_RANGE` counts as
+none (:class:`MissingMppError` naming it). ``mpp`` given without ``force_mpp`` stands in for a
+missing MPP only: where the file has its own, the two must agree within :data:`MPP_TOLERANCE`
+(else a :class:`ConfigError`: the argument is wrong, or must be forced) and the file's is used.
 """
 from __future__ import annotations
 
@@ -20,15 +28,22 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import MissingMppError, SlideFormatError, SlideNotFoundError, SlideReadError
+from .errors import ConfigError, MissingMppError, SlideFormatError, SlideNotFoundError, SlideReadError
 
-__all__ = ["Slide", "Level", "open_slide", "corrupt_tile_error", "BACKENDS", "MPP_RANGE", "MAX_DECODE_BYTES"]
+__all__ = ["Slide", "Level", "open_slide", "check_mpp_value", "corrupt_tile_error", "BACKENDS", "MPP_RANGE",
+           "MPP_TOLERANCE", "MAX_DECODE_BYTES", "MAX_ARRAY_BYTES"]
 
 BACKENDS = ("auto", "openslide", "tiffslide")
-MPP_RANGE = (0.05, 100.0)  # plausible microns per level-0 pixel
+# Plausible µm per level-0 px of a brightfield slide: 100x oil objectives give about 0.06-0.1, 40x
+# 0.25, 20x 0.5, 10x 1.0; coarser than 20 µm a pixel is larger than a cell.
+MPP_RANGE = (0.05, 20.0)
+MPP_TOLERANCE = 0.01  # relative: mpp-x vs mpp-y, and --mpp vs the slide's own MPP, may differ this much
 # Most memory, bytes, that decoding one strip or tile of a slide level may need. The backends decode
 # a whole strip to read any pixel of it, so a level stored as one huge strip would be OOM-killed.
 MAX_DECODE_BYTES = 1_000_000_000
+# Most memory, bytes, that one array of a stage may take (wsi_response.footprint): a slide whose
+# level-0 px are much coarser than a stage's µm/px would make that stage up-sample it into many GB.
+MAX_ARRAY_BYTES = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -49,11 +64,12 @@ class Slide:
     vendor: str                       # OpenSlide/tiffslide vendor string, e.g. "aperio", "generic-tiff"
     levels: tuple[Level, ...]
     mpp: float                        # µm per level-0 pixel
-    mpp_source: str                   # "override" | "metadata" | "tiff-resolution"
+    mpp_source: str                   # "override" (--mpp for a slide without one, or --force-mpp) | "metadata" | "tiff-resolution"
     bounds_offset_l0: tuple[int, int]  # OpenSlide bounds-x/-y (0, 0 when the slide has none)
     objective_power: float | None
     properties: Mapping[str, str] = field(repr=False)
     mpp_override: float | None = field(default=None, repr=False)
+    force_mpp: bool = field(default=False, repr=False)
     _handle: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -166,7 +182,7 @@ class Slide:
 
     def reopen(self) -> "Slide":
         """A fresh handle on the same file (after OpenSlide's handle died on a corrupt tile)."""
-        return open_slide(self.path, backend=self.backend, mpp=self.mpp_override)
+        return open_slide(self.path, self.backend, self.mpp_override, self.force_mpp)
 
     def __enter__(self) -> "Slide":
         return self
@@ -175,7 +191,7 @@ class Slide:
         self.close()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (open_slide, (self.path, self.backend, self.mpp_override))
+        return (open_slide, (self.path, self.backend, self.mpp_override, self.force_mpp))
 
 
 def corrupt_tile_error(path: Path, level: int, col_row: tuple[int, int], tile_px: tuple[int, int],
@@ -280,12 +296,16 @@ def _rgba_on_white(rgba: np.ndarray) -> np.ndarray:
     return ((rgb * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
 
 
-def open_slide(path: str | os.PathLike[str], backend: str = "auto", mpp: float | None = None) -> Slide:
+def open_slide(path: str | os.PathLike[str], backend: str = "auto", mpp: float | None = None,
+               force_mpp: bool = False) -> Slide:
     """Open ``path`` with ``backend`` ("auto", "openslide" or "tiffslide").
 
-    ``mpp`` (µm per level-0 pixel) overrides what the file says. "auto" prefers OpenSlide, the
-    reference reader for every format, and falls back to tiffslide for TIFFs OpenSlide rejects.
-    Raises :class:`SlideError` subclasses with one-line messages naming the file.
+    ``mpp`` (µm per level-0 pixel): the MPP of a slide that has none; where the slide has its
+    own, it must agree with it (:data:`MPP_TOLERANCE`), unless ``force_mpp`` makes it replace the
+    slide's. "auto" prefers OpenSlide, the reference reader for every format, and falls back to
+    tiffslide for TIFFs OpenSlide rejects. Raises :class:`SlideError` subclasses with one-line
+    messages naming the file, and :class:`ConfigError` for an ``mpp`` that is implausible or
+    disagrees with the slide's own.
     """
     path = Path(path)
     if backend not in BACKENDS:
@@ -297,13 +317,13 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto", mpp: float |
     size = path.stat().st_size
     if size == 0:
         raise SlideFormatError(path, "empty file (0 bytes)")
-    if mpp is not None and not (MPP_RANGE[0] <= mpp <= MPP_RANGE[1]):
-        raise SlideFormatError(path, f"--mpp {mpp} is outside the plausible range {MPP_RANGE} µm/px")
+    if mpp is not None:
+        check_mpp_value(mpp, force_mpp)
 
     _check_tiff(path)
     handle, chosen, reason = _open_handle(path, backend)
     try:
-        mpp_value, mpp_source = _resolve_mpp(path, handle.properties, mpp)
+        mpp_value, mpp_source = _resolve_mpp(path, handle.properties, mpp, force_mpp)
     except Exception:
         handle.close()
         raise
@@ -322,6 +342,7 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto", mpp: float |
         objective_power=float(power) if power not in (None, "") else None,
         properties=props,
         mpp_override=mpp,
+        force_mpp=force_mpp,
         _handle=handle,
     )
 
@@ -370,7 +391,9 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 def _check_tiff(path: Path) -> None:
     """For TIFF-based files: every image tile/strip lies inside the file (catches truncation), and
-    every level of the main image has 8-bit samples and decodes in bounded memory."""
+    every level of the main image is RGB (:func:`_colour_problem`), has 8-bit samples and decodes
+    in bounded memory. OpenSlide hands every image out as RGBA whatever it holds, so only the
+    file's own tags tell."""
     import logging
 
     import tifffile
@@ -395,11 +418,49 @@ def _check_tiff(path: Path) -> None:
                             raise SlideFormatError(path, f"truncated: image data runs to byte {int(ends.max())} "
                                                    f"but the file has {size} bytes")
             for index, level in enumerate(tif.series[0].levels):
+                colour = _colour_problem(level.keyframe)
+                if colour is not None:
+                    raise SlideFormatError(path, f"level {index} holds {colour}, not RGB colour: the model judges "
+                                           "the colours of RGB brightfield (H&E) slides and cannot score it")
                 _check_level_layout(path, index, level.keyframe)
     except SlideFormatError:
         raise
     except Exception as exc:
         raise SlideFormatError(path, f"a TIFF whose structure cannot be read (truncated or corrupt?): {exc}") from None
+
+
+_ALPHA_EXTRASAMPLES = (1, 2)  # TIFF ExtraSamples: associated and unassociated alpha
+
+
+def _colour_problem(page: Any) -> str | None:
+    """What a TIFF page holds when it is not RGB (or YCbCr, as JPEG stores RGB) with at most an
+    alpha channel, e.g. "greyscale (1 sample per pixel)"; None for RGB."""
+    import tifffile
+
+    photometric = tifffile.PHOTOMETRIC
+    samples = int(page.samplesperpixel)
+    extras = [int(e) for e in page.extrasamples]
+    alpha = len(extras) == 1 and extras[0] in _ALPHA_EXTRASAMPLES
+    kind = int(page.photometric)
+    if kind in (photometric.RGB, photometric.YCBCR):
+        if samples == 3 or (samples == 4 and alpha):
+            return None
+        return f"{samples} samples per pixel (RGB and {samples - 3} that are not an alpha channel)"
+    if kind in (photometric.MINISBLACK, photometric.MINISWHITE):
+        if samples == 1:
+            return "greyscale (1 sample per pixel)"
+        if samples == 2 and alpha:
+            return "greyscale with alpha (2 samples per pixel)"
+        return f"{samples} separate channels (a multi-channel, fluorescence-like image)"
+    if kind == photometric.PALETTE:
+        return "palette (indexed) colour"
+    if kind == photometric.SEPARATED:
+        ink = page.tags.get("InkSet")
+        if (ink is None or int(ink.value) == 1) and samples - len(extras) == 4:
+            return "CMYK (photometric SEPARATED)"
+        return f"{samples} separated ink channels"
+    name = photometric(kind).name if kind in photometric._value2member_map_ else str(kind)
+    return f"photometric {name} with {samples} samples per pixel"
 
 
 def _check_level_layout(path: Path, index: int, page: Any) -> None:
@@ -420,48 +481,128 @@ def _check_level_layout(path: Path, index: int, page: Any) -> None:
                                "`vips tiffsave in.tif out.tif --tile --pyramid --compression jpeg`)")
 
 
-def _resolve_mpp(path: Path, props: Mapping[str, str], override: float | None) -> tuple[float, str]:
-    """MPP in µm/px and its source: override > vendor metadata > TIFF resolution tags."""
-    if override is not None:
-        return float(override), "override"
+def check_mpp_value(mpp: float, force: bool = False) -> None:
+    """Raise :class:`ConfigError` when a ``--mpp`` (``--force-mpp``) value is not in :data:`MPP_RANGE`."""
+    if not (MPP_RANGE[0] <= mpp <= MPP_RANGE[1]):  # False for NaN too
+        raise ConfigError(f"{'--force-mpp' if force else '--mpp'} {mpp:g}: outside the plausible range "
+                          f"{MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} µm/px of a brightfield slide")
+
+
+def _agree(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=MPP_TOLERANCE)
+
+
+def _resolve_mpp(path: Path, props: Mapping[str, str], mpp: float | None, force: bool) -> tuple[float, str]:
+    """MPP in µm/px and its source: ``mpp`` forced > the file's own (checked against ``mpp``) >
+    ``mpp`` for a file without a usable one."""
+    if mpp is not None and force:
+        return float(mpp), "override"
+    try:
+        own = _own_mpp(path, props)
+    except MissingMppError:
+        if mpp is None:
+            raise
+        own = None  # an unusable value in the file counts as none: --mpp stands in for it
+    if own is None:
+        if mpp is None:
+            raise MissingMppError(path, "no microns-per-pixel in the file (no vendor MPP, no TIFF resolution "
+                                  "tags); pass --mpp UM")
+        return float(mpp), "override"
+    (mpp_x, mpp_y), source = own
+    if not _agree(mpp_x, mpp_y):
+        raise SlideFormatError(path, f"anisotropic pixels: {mpp_x:g} µm/px wide but {mpp_y:g} µm/px high "
+                               f"({_SOURCE_NAMES[source]}; more than {MPP_TOLERANCE:.0%} apart); wsi-response "
+                               "measures square pixels; if the file is wrong, pass --force-mpp UM")
+    if mpp is not None and not _agree(mpp, mpp_x):
+        raise ConfigError(f"{path}: --mpp {mpp:g} disagrees with the slide's own MPP {mpp_x:g} µm/px "
+                          f"({_SOURCE_NAMES[source]}; more than {MPP_TOLERANCE:.0%} apart); to measure it at "
+                          f"{mpp:g} µm/px anyway pass --force-mpp {mpp:g} instead")
+    return mpp_x, source
+
+
+_SOURCE_NAMES = {"metadata": "vendor metadata", "tiff-resolution": "TIFF resolution tags"}
+
+
+def _own_mpp(path: Path, props: Mapping[str, str]) -> tuple[tuple[float, float], str] | None:
+    """The file's (mpp-x, mpp-y) µm/px and their source ("metadata" | "tiff-resolution"); None if
+    it has none. Raises :class:`MissingMppError` for a value there that cannot be used."""
     vendor = props.get("openslide.vendor") or props.get("tiffslide.vendor")
-    # OpenSlide reads vendor MPP for every vendor format; for generic TIFF it only echoes the
-    # resolution tags, which we read ourselves to name the source honestly.
-    if vendor != "generic-tiff":
-        for key in ("openslide.mpp-x", "aperio.MPP"):
-            if props.get(key):
-                return _checked_mpp(path, float(props[key]), "metadata"), "metadata"
-    tiff_mpp = _mpp_from_tiff_tags(path)
-    if tiff_mpp is not None:
-        return _checked_mpp(path, tiff_mpp, "TIFF resolution tags"), "tiff-resolution"
-    raise MissingMppError(path, "no microns-per-pixel in the file (no vendor MPP, no TIFF resolution "
-                          "tags); pass --mpp UM")
+    # OpenSlide reads vendor MPP for every vendor format; for generic TIFF (tiffslide: no vendor)
+    # it only echoes the resolution tags, which we read ourselves to name the source honestly.
+    # OpenSlide leaves out openslide.mpp-x where it cannot parse the vendor's value: aperio.MPP shows it.
+    if vendor not in (None, "generic-tiff"):
+        for prefix in ("openslide", "tiffslide"):
+            x, y = props.get(f"{prefix}.mpp-x"), props.get(f"{prefix}.mpp-y")
+            if x not in (None, "") or y not in (None, ""):
+                return (_metadata_mpp(path, f"{prefix}.mpp-x", x), _metadata_mpp(path, f"{prefix}.mpp-y", y)), \
+                    "metadata"
+        if props.get("aperio.MPP") is not None:
+            value = _metadata_mpp(path, "aperio.MPP", props["aperio.MPP"])
+            return (value, value), "metadata"
+    tags = _tiff_resolution(path)
+    if tags is None:
+        return None
+    um_per_unit, unit = tags[0]
+    return tuple(_tag_mpp(path, name, px_per_unit, um_per_unit, unit)  # type: ignore[return-value]
+                 for name, px_per_unit in tags[1:]), "tiff-resolution"
 
 
-def _checked_mpp(path: Path, value: float, source: str) -> float:
-    if not (MPP_RANGE[0] <= value <= MPP_RANGE[1]) or not math.isfinite(value):
-        raise MissingMppError(path, f"implausible MPP {value} from {source}; pass --mpp UM")
-    return value
+def _metadata_mpp(path: Path, key: str, raw: Any) -> float:
+    """The vendor metadata value ``raw`` of ``key`` as µm/px, else :class:`MissingMppError` saying why not."""
+    what = f"{key} = {str(raw).strip()[:40]!r}"
+    try:
+        number = float(raw)
+    except (TypeError, ValueError, OverflowError):
+        raise _unusable_mpp(path, what, "not a number") from None
+    return _plausible_mpp(path, what, number)
 
 
-def _mpp_from_tiff_tags(path: Path) -> float | None:
-    """µm/px from level-0 XResolution/ResolutionUnit (centimeter or inch); None if absent."""
+def _tag_mpp(path: Path, name: str, px_per_unit: float, um_per_unit: float, unit: str) -> float:
+    """µm/px of a TIFF resolution tag of ``px_per_unit`` px per ``unit``, else :class:`MissingMppError`."""
+    what = f"TIFF {name} = {px_per_unit:g} px per {unit}"
+    if math.isfinite(px_per_unit) and px_per_unit > 0:
+        return _plausible_mpp(path, f"{what} ({um_per_unit / px_per_unit:g} µm/px)", um_per_unit / px_per_unit)
+    return _plausible_mpp(path, what, px_per_unit)
+
+
+def _plausible_mpp(path: Path, what: str, mpp: float) -> float:
+    if not math.isfinite(mpp):
+        raise _unusable_mpp(path, what, "not finite")
+    if mpp <= 0:
+        raise _unusable_mpp(path, what, "not positive")
+    if not (MPP_RANGE[0] <= mpp <= MPP_RANGE[1]):
+        raise _unusable_mpp(path, what, f"outside the plausible range {MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} µm/px")
+    return mpp
+
+
+def _unusable_mpp(path: Path, what: str, reason: str) -> MissingMppError:
+    return MissingMppError(path, f"unusable microns-per-pixel in the file ({what}: {reason}); pass --mpp UM")
+
+
+def _tiff_resolution(path: Path) -> list[tuple[Any, ...]] | None:
+    """``[(µm per unit, unit name), ("XResolution", px per unit), ("YResolution", px per unit)]``
+    of a TIFF's level 0; None where the tags or a length unit (centimeter, inch) are absent."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
-            unit = page.tags.get("ResolutionUnit")
-            xres = page.tags.get("XResolution")
+            tags = tif.pages[0].tags
+            unit, xres, yres = tags.get("ResolutionUnit"), tags.get("XResolution"), tags.get("YResolution")
             if unit is None or xres is None:
                 return None
-            num, den = xres.value
-            if num == 0 or den == 0:
-                return None
-            per_unit = num / den
-            um_per_unit = {2: 25_400.0, 3: 10_000.0}.get(int(unit.value))
+            um_per_unit = {2: (25_400.0, "inch"), 3: (10_000.0, "centimeter")}.get(int(unit.value))
             if um_per_unit is None:
                 return None
-            return um_per_unit / per_unit
+            return [um_per_unit, ("XResolution", _px_per_unit(xres.value)),
+                    ("YResolution", _px_per_unit((yres or xres).value))]
     except Exception:
         return None
+
+
+def _px_per_unit(value: Any) -> float:
+    """A resolution tag's px per unit: a rational ``(num, den)`` or a number (NaN when unreadable)."""
+    try:
+        num, den = (float(v) for v in (value if isinstance(value, tuple) and len(value) == 2 else (value, 1)))
+        return num / den if den else math.nan
+    except (TypeError, ValueError, OverflowError):
+        return math.nan
