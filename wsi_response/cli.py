@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -52,8 +53,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
+    from .ids import check_specimen_id
     from .synth import ARTEFACTS, synth_specimen
 
+    check_specimen_id(args.specimen, "--specimen")
     artefacts = tuple(k.strip() for k in (args.artefacts or "").split(",") if k.strip())
     unknown = [k for k in artefacts if k not in ARTEFACTS]
     if unknown:
@@ -146,8 +149,10 @@ def _exit_code(result: dict) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .ids import check_specimen_id
     from .pipeline import run_specimen
 
+    check_specimen_id(args.specimen, "--specimen")   # before the model loads
     slides, overrides = _split_overrides(args.items)
     if not slides:
         raise ConfigError("run: no slide given")
@@ -158,16 +163,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> int:
+    from .ids import check_inside, check_specimen_id
     from .pipeline import aggregate_specimen
 
     folders = [args.dir] if (args.dir / "slides").is_dir() else sorted(
         p for p in args.dir.iterdir() if (p / "slides").is_dir())
     if not folders:
         raise ConfigError(f"aggregate: {args.dir} holds no specimen folder (DIR/<specimen>/slides/)")
+    ids = [check_specimen_id(Path(os.path.abspath(f)).name, f"aggregate {args.dir}") for f in folders]
+    check_inside(args.dir, *folders)
     code = EXIT_OK
-    for folder in folders:
+    for folder, specimen_id in zip(folders, ids):
         previous = folder / "specimen.json"
-        result = aggregate_specimen(folder, folder.name)
+        result = aggregate_specimen(folder, specimen_id)
         if previous.exists() and not args.quiet:
             print(f"rebuilt {previous}", file=sys.stderr)
         _print_specimen(result, folder.parent, False)

@@ -32,8 +32,9 @@ from .artefacts import ArtefactMask, cell_intensity_flags, detect_artefacts
 from .classes import ARTEFACT, CLASSES, COLORS_RGB, QUPATH_NAMES
 from .qc import slide_qc, specimen_qc
 from .config import Config, QcConfig, config_to_dict
-from .errors import OutputError, WsiResponseError
+from .errors import ConfigError, OutputError, WsiResponseError
 from .focus import FocusJob
+from .ids import check_inside, check_slide_id, check_specimen_id, same_file_pairs, unique_slide_ids
 from .quantify import SlideAreas, slide_areas_from_tiles, specimen_areas
 from .report import box_thumbnail, heatmap_png, mask_on_thumbnail, overlay_png, render_report
 from .slide import Slide, open_slide
@@ -41,7 +42,7 @@ from .store import TilePredictions, read_tile_store
 from .tiling import TileGrid, tile_grid
 from .tissue import Overview, TissueMask, detect_tissue, possible_tissue, read_overview, stained_px
 
-__all__ = ["SCHEMA_VERSION", "unique_slide_ids", "process_slide", "record_failure", "aggregate_specimen",
+__all__ = ["SCHEMA_VERSION", "process_slide", "record_failure", "aggregate_specimen",
            "run_specimen", "check_writable", "raise_if_environment", "config_sha256", "source_fingerprint",
            "current_slide_record"]
 
@@ -50,17 +51,6 @@ THUMBNAIL_MAX_PX = 1024
 REFRESH_S = 0.1  # seconds between redraws of the tile progress bar
 
 Progress = Callable[[str, int, int], None]  # (slide_id, tiles done, tiles total)
-
-
-def unique_slide_ids(paths: Sequence[str | Path]) -> list[str]:
-    """Slide file stems, suffixed ``-2``, ``-3`` ... where two slides share a stem."""
-    seen: dict[str, int] = {}
-    ids = []
-    for path in paths:
-        stem = Path(path).name.split(".")[0] or "slide"
-        seen[stem] = seen.get(stem, 0) + 1
-        ids.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
-    return ids
 
 
 def check_writable(out_dir: Path) -> None:
@@ -299,8 +289,8 @@ def aggregate_specimen(specimen_dir: Path, specimen_id: str, *,
     """
     slides_dir = specimen_dir / "slides"
     if slide_ids is None:
-        slide_ids = sorted(p.parent.name for p in slides_dir.glob("*/slide.json"))
-    records = [json.loads((slides_dir / sid / "slide.json").read_text()) for sid in slide_ids]
+        slide_ids = sorted(check_slide_id(p.parent.name, str(slides_dir)) for p in slides_dir.glob("*/slide.json"))
+    records = [_slide_json(slides_dir / sid) for sid in slide_ids]
     usable = [r for r in records if r["status"] in ("ok", "ok_empty")]
     tile_areas = [_stored_areas(slides_dir / r["slide_id"], r) for r in usable]
     specimen = specimen_areas(tile_areas)
@@ -336,6 +326,15 @@ def aggregate_specimen(specimen_dir: Path, specimen_id: str, *,
     return result
 
 
+def _slide_json(slide_dir: Path) -> dict[str, Any]:
+    """The ``slide.json`` in ``slide_dir``; its ``slide_id`` must be the folder's name (the outputs are found by it)."""
+    record = json.loads((slide_dir / "slide.json").read_text(encoding="utf-8"))
+    if record.get("slide_id") != slide_dir.name:
+        raise ConfigError(f"{slide_dir / 'slide.json'}: slide_id {record.get('slide_id')!r} is not the name of its "
+                          f"folder {slide_dir.name!r} (moved or renamed by hand?); run the slide again")
+    return record
+
+
 _SLIDE_ENTRY_KEYS = ("slide_id", "path", "status", "error", "backend", "mpp", "mpp_source", "dimensions_px",
                      "tissue_area_mm2", "areas_mm2", "tumor_bed_area_mm2", "viable_percent", "qc", "outputs")
 
@@ -362,11 +361,19 @@ def run_specimen(paths: Sequence[str | Path], specimen_id: str, out_dir: Path, c
     """Score every slide of one specimen and aggregate; a failing slide is recorded and skipped.
 
     Slides already done (a current ``ok``/``ok_empty`` ``slide.json``, same ``mpp`` override) are
-    kept, not redone.
+    kept, not redone. Before anything is written, the ids are checked (:mod:`~wsi_response.ids`),
+    a file listed twice (by any spelling or link) is a :class:`ConfigError`, and every folder to be
+    written must resolve inside ``out_dir``.
     """
+    check_specimen_id(specimen_id, "specimen_id")
+    twice = same_file_pairs(paths)
+    if twice:
+        raise ConfigError("the same slide file is listed twice: " + "; ".join(
+            f"slide {i + 1} ({str(paths[i])!r}) is slide {j + 1} ({str(paths[j])!r})" for i, j in twice))
     specimen_dir = Path(out_dir) / specimen_id
-    check_writable(specimen_dir)
     ids = unique_slide_ids(paths)
+    check_inside(out_dir, specimen_dir, *(specimen_dir / "slides" / sid for sid in ids))
+    check_writable(specimen_dir)
     cfg_sha = config_sha256(cfg)
     progress = None if quiet else _stderr_progress(len(paths))
     for index, (path, slide_id) in enumerate(zip(paths, ids)):

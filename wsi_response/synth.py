@@ -49,6 +49,7 @@ import numpy as np
 
 from .atomic import atomic_open, write_atomic
 from .classes import CLASSES, TUMOR_BED, qupath_classification
+from .ids import check_inside, check_specimen_id
 
 __all__ = [
     "LABEL_GLASS",
@@ -1021,7 +1022,8 @@ def synth_specimen(
     truth records exact values."""
     if int(n_slides) < 1:
         raise ValueError(f"n_slides must be >= 1, not {n_slides}")
-    folder = Path(out_dir) / specimen_id
+    folder = Path(out_dir) / check_specimen_id(specimen_id, "specimen_id")
+    check_inside(out_dir, folder)
     folder.mkdir(parents=True, exist_ok=True)
     if viable_fraction is None:
         viable_fraction = float(np.random.default_rng(
