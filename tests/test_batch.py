@@ -40,7 +40,7 @@ def test_manifest_paths_ids_and_bom(tmp_path: Path) -> None:
     ("specimen,path\nS,a.svs\n", "header 'specimen_id,slide_path'"),
     ("specimen_id,slide_path\n", "lists no slide"),
     ("specimen_id,slide_path\nS,\n", "line 2: empty"),
-    ("specimen_id,slide_path\n../S,a.svs\n", "not a folder name"),
+    ("specimen_id,slide_path\n../S,a.svs\n", "line 2: specimen id '../S' contains a path separator '/'"),
     ("specimen_id,slide_path\nS,a.svs\nS,b.svs\nS,./a.svs\nS,b.svs\n",
      "2 duplicated row(s): line 4 repeats line 2"),
 ])

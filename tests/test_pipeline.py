@@ -12,7 +12,8 @@ import shapely.geometry
 from wsi_response import cli
 from wsi_response.classes import ARTEFACT, CLASSES, QUPATH_NAMES
 from wsi_response.config import load_config
-from wsi_response.pipeline import aggregate_specimen, run_specimen, unique_slide_ids
+from wsi_response.ids import unique_slide_ids
+from wsi_response.pipeline import aggregate_specimen, run_specimen
 
 CFG = load_config(None, ["inference.num_workers=0"])
 

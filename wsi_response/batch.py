@@ -1,13 +1,15 @@
 """Batch runs over a manifest: sharding, resume, per-slide status, isolated worker processes.
 
 Manifest: a CSV with the header ``specimen_id,slide_path`` (more columns are ignored); relative
-slide paths are relative to the manifest's folder. A row listed twice is a usage error; rows whose
-file is missing are reported up front and recorded as failed slides, so the rest still runs.
+slide paths are relative to the manifest's folder. Specimen ids follow :mod:`~wsi_response.ids`
+(cells are trimmed of spaces first). A slide file listed twice for a specimen (by any spelling or
+link) is a usage error; rows whose file is missing are reported up front and recorded as failed
+slides, so the rest still runs.
 
 - **Unit of work**: one slide (one row). Task ``i`` of ``N`` takes rows ``i, i+N, i+2N, ...`` of
   the manifest as given (round-robin, so every task gets a similar mix). Slide ids come from
-  :func:`~wsi_response.pipeline.unique_slide_ids` over *all* rows of a specimen, so every task
-  names every slide the same way.
+  :func:`~wsi_response.ids.unique_slide_ids` over *all* rows of a specimen, in manifest order, so
+  every task names every slide the same way (and as ``run`` does).
 - **Done**: a ``slide.json`` with status ``ok``/``ok_empty`` whose ``path``, ``source`` (file size
   and mtime), model sha256 and ``config_sha256`` match the current ones. Done slides are skipped;
   changed ones are redone; failed ones are retried on every run (a lost mount gets another
@@ -37,6 +39,7 @@ file is missing are reported up front and recorded as failed slides, so the rest
 from __future__ import annotations
 
 import csv
+import io
 import json
 import multiprocessing
 import os
@@ -53,9 +56,10 @@ from typing import Any, Iterable, Mapping, Sequence
 from .atomic import write_json_atomic
 from .config import Config
 from .errors import ConfigError, OutputError, SlideReadError, WsiResponseError
+from .ids import check_inside, check_specimen_id, folder_key, same_file_pairs, unique_slide_ids
 from .locks import FolderBusyError, folder_lock, specimen_locks
 from .pipeline import (aggregate_specimen, check_writable, config_sha256, current_slide_record, damaged_store,
-                       process_slide, raise_if_environment, record_failure, unique_slide_ids)
+                       process_slide, raise_if_environment, record_failure)
 
 __all__ = ["SlideTask", "BatchResult", "read_manifest", "missing_slides", "shard", "task_from_env",
            "worker_devices", "run_batch", "finalize_batch", "SUMMARY_NAME"]
@@ -108,45 +112,51 @@ def read_manifest(path: str | os.PathLike) -> list[SlideTask]:
     """Rows of a manifest CSV as :class:`SlideTask` (absolute paths, specimen-unique slide ids).
 
     Raises :class:`ConfigError` (one line naming the file) for a missing header, empty fields, a
-    specimen id that is not a folder name, or rows listed twice (all of them named).
+    specimen id that breaks :mod:`~wsi_response.ids`' rule, specimen ids that differ only in letter
+    case, or a slide file listed twice for one specimen (all of them named).
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")   # Excel writes a BOM
+        text = path.read_bytes().decode("utf-8-sig")   # Excel writes a BOM; newlines inside quotes are kept
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the manifest ({exc})") from None
-    rows = csv.reader(text.splitlines())
+    rows = csv.reader(io.StringIO(text, newline=""))
     header = [h.strip() for h in next(rows, [])]
     if not set(MANIFEST_COLUMNS) <= set(header):
         raise ConfigError(f"{path}: the first line must be the header 'specimen_id,slide_path' (got {','.join(header)!r})")
     ispec, ipath = header.index("specimen_id"), header.index("slide_path")
     entries: list[tuple[str, Path, int]] = []
-    for line, row in enumerate(rows, start=2):
+    spellings: dict[str, tuple[str, int]] = {}   # case-folded specimen id -> (id, first line)
+    start = rows.line_num + 1
+    for row in rows:
+        line, start = start, rows.line_num + 1   # a row's first line (a quoted newline spans lines)
         if not any(cell.strip() for cell in row):
             continue
-        specimen = row[ispec].strip() if ispec < len(row) else ""
+        specimen = row[ispec].strip(" ") if ispec < len(row) else ""
         slide = row[ipath].strip() if ipath < len(row) else ""
         if not specimen or not slide:
             raise ConfigError(f"{path}: line {line}: empty specimen_id or slide_path")
-        if specimen in (".", "..") or "/" in specimen or "\\" in specimen:
-            raise ConfigError(f"{path}: line {line}: specimen_id {specimen!r} is not a folder name")
+        check_specimen_id(specimen, f"{path}: line {line}")
+        other, first_line = spellings.setdefault(folder_key(specimen), (specimen, line))
+        if other != specimen:
+            raise ConfigError(f"{path}: line {line}: specimen id {specimen!r} differs from {other!r} (line "
+                              f"{first_line}) only in letter case or Unicode form; they would share a folder on many file systems")
         entries.append((specimen, Path(os.path.abspath(path.parent / Path(slide).expanduser())), line))
     if not entries:
         raise ConfigError(f"{path}: the manifest lists no slide")
-    first: dict[tuple[str, Path], int] = {}
-    duplicates = []
-    for specimen, slide, line in entries:
-        if (specimen, slide) in first:
-            duplicates.append(f"line {line} repeats line {first[specimen, slide]} ({specimen}, {slide})")
-        first.setdefault((specimen, slide), line)
-    if duplicates:
-        raise ConfigError(f"{path}: {len(duplicates)} duplicated row(s): " + "; ".join(duplicates))
     by_specimen: dict[str, list[int]] = {}
     for i, (specimen, _, _) in enumerate(entries):
         by_specimen.setdefault(specimen, []).append(i)
+    duplicates = []
     slide_ids: dict[int, str] = {}
     for indices in by_specimen.values():
-        slide_ids.update(zip(indices, unique_slide_ids([entries[i][1] for i in indices])))
+        files = [entries[i][1] for i in indices]
+        duplicates += [(entries[indices[i]], entries[indices[j]]) for i, j in same_file_pairs(files)]
+        slide_ids.update(zip(indices, unique_slide_ids(files)))
+    if duplicates:
+        raise ConfigError(f"{path}: {len(duplicates)} duplicated row(s): " + "; ".join(
+            f"line {row[2]} repeats line {first[2]} ({row[0]}, {str(row[1])!r})"
+            for row, first in sorted(duplicates, key=lambda d: d[0][2])))
     return [SlideTask(specimen, slide_ids[i], slide, line) for i, (specimen, slide, line) in enumerate(entries)]
 
 
@@ -424,6 +434,7 @@ def run_batch(tasks: Sequence[SlideTask], out_dir: Path, classifier: Any, cfg: C
     mine = shard(tasks, task_index, task_count)
     if gpus is not None and cfg.inference.device == "cpu":
         raise ConfigError(f"--gpus {gpus} with device cpu; leave out --gpus (use --workers N for CPU workers)")
+    check_inside(out_dir, *_output_folders(tasks, out_dir))
     check_writable(out_dir)
     model_sha, cfg_sha = classifier.sha256, config_sha256(cfg)
     result = BatchResult(tasks=mine)
@@ -446,6 +457,11 @@ def run_batch(tasks: Sequence[SlideTask], out_dir: Path, classifier: Any, cfg: C
         complete = _aggregate_complete(tasks, (t.specimen_id for t in mine), out_dir, model_sha, cfg_sha)
         result.aggregated = [s for s, busy in complete.items() if busy is None]
     return result
+
+
+def _output_folders(tasks: Sequence[SlideTask], out_dir: Path) -> list[Path]:
+    """Every specimen and slide folder ``tasks`` write (each must resolve inside ``out_dir``)."""
+    return [*dict.fromkeys(out_dir / t.specimen_id for t in tasks), *(t.slide_dir(out_dir) for t in tasks)]
 
 
 def _run_pool(todo: list[SlideTask], out_dir: Path, classifier: Any, cfg: Config, devices: list[str | None],
@@ -557,6 +573,7 @@ def finalize_batch(tasks: Sequence[SlideTask], out_dir: Path, model_sha256: str 
     (never run, abandoned, or outdated by a changed slide file, model or config).
     """
     out_dir = Path(out_dir)
+    check_inside(out_dir, *_output_folders(tasks, out_dir))
     check_writable(out_dir)
     cfg_sha = config_sha256(cfg)
     complete = _aggregate_complete(tasks, (t.specimen_id for t in tasks), out_dir, model_sha256, cfg_sha)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -73,8 +74,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
+    from .ids import check_specimen_id
     from .synth import ARTEFACTS, synth_specimen
 
+    check_specimen_id(args.specimen, "--specimen")
     artefacts = tuple(k.strip() for k in (args.artefacts or "").split(",") if k.strip())
     unknown = [k for k in artefacts if k not in ARTEFACTS]
     if unknown:
@@ -167,8 +170,10 @@ def _exit_code(result: dict) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .ids import check_specimen_id
     from .pipeline import run_specimen
 
+    check_specimen_id(args.specimen, "--specimen")   # before the model loads
     slides, overrides = _split_overrides(args.items)
     if not slides:
         raise ConfigError("run: no slide given")
@@ -181,6 +186,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> int:
+    from .ids import check_inside, check_specimen_id
     from .locks import FolderBusyError
     from .pipeline import aggregate_specimen
 
@@ -188,11 +194,13 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
         p for p in args.dir.iterdir() if (p / "slides").is_dir())
     if not folders:
         raise ConfigError(f"aggregate: {args.dir} holds no specimen folder (DIR/<specimen>/slides/)")
+    ids = [check_specimen_id(Path(os.path.abspath(f)).name, f"aggregate {args.dir}") for f in folders]
+    check_inside(args.dir, *folders)
     code = EXIT_OK
-    for folder in folders:
+    for folder, specimen_id in zip(folders, ids):
         previous = folder / "specimen.json"
         try:
-            result = aggregate_specimen(folder, folder.name)
+            result = aggregate_specimen(folder, specimen_id)
         except FolderBusyError as busy:   # the other specimens are still aggregated
             print(f"wsi-response: error: {busy}", file=sys.stderr)
             code = EXIT_FAILED

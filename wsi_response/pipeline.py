@@ -32,10 +32,11 @@ from .artefacts import ArtefactMask, cell_intensity_flags, detect_artefacts
 from .classes import ARTEFACT, CLASSES, COLORS_RGB, QUPATH_NAMES
 from .qc import slide_qc, specimen_qc
 from .config import Config, QcConfig, config_to_dict
-from .errors import OutputError, WsiResponseError
-from .locks import specimen_locks
+from .errors import ConfigError, OutputError, WsiResponseError
 from .focus import FocusJob
 from .footprint import check_memory, check_mpp_argument
+from .ids import check_inside, check_slide_id, check_specimen_id, same_file_pairs, unique_slide_ids
+from .locks import specimen_locks
 from .quantify import SlideAreas, slide_areas, slide_areas_from_tiles, specimen_areas
 from .report import box_thumbnail, heatmap_png, mask_on_thumbnail, overlay_png, render_report
 from .slide import Slide, open_slide
@@ -43,7 +44,7 @@ from .store import TilePredictions, TileStoreError, read_tile_store
 from .tiling import TileGrid, tile_grid
 from .tissue import Overview, TissueMask, detect_tissue, possible_tissue, read_overview, stained_px
 
-__all__ = ["SCHEMA_VERSION", "unique_slide_ids", "process_slide", "record_failure", "aggregate_specimen",
+__all__ = ["SCHEMA_VERSION", "process_slide", "record_failure", "aggregate_specimen",
            "run_specimen", "check_writable", "raise_if_environment", "config_sha256", "source_fingerprint",
            "current_slide_record", "damaged_store"]
 
@@ -52,17 +53,6 @@ THUMBNAIL_MAX_PX = 1024
 REFRESH_S = 0.1  # seconds between redraws of the tile progress bar
 
 Progress = Callable[[str, int, int], None]  # (slide_id, tiles done, tiles total)
-
-
-def unique_slide_ids(paths: Sequence[str | Path]) -> list[str]:
-    """Slide file stems, suffixed ``-2``, ``-3`` ... where two slides share a stem."""
-    seen: dict[str, int] = {}
-    ids = []
-    for path in paths:
-        stem = Path(path).name.split(".")[0] or "slide"
-        seen[stem] = seen.get(stem, 0) + 1
-        ids.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
-    return ids
 
 
 def check_writable(out_dir: Path) -> None:
@@ -330,8 +320,8 @@ def aggregate_specimen(specimen_dir: Path, specimen_id: str, *,
 def _aggregate_locked(specimen_dir: Path, specimen_id: str, slide_ids: Sequence[str] | None) -> dict[str, Any]:
     slides_dir = specimen_dir / "slides"
     if slide_ids is None:
-        slide_ids = sorted(p.parent.name for p in slides_dir.glob("*/slide.json"))
-    records = [json.loads((slides_dir / sid / "slide.json").read_text()) for sid in slide_ids]
+        slide_ids = sorted(check_slide_id(p.parent.name, str(slides_dir)) for p in slides_dir.glob("*/slide.json"))
+    records = [_slide_json(slides_dir / sid) for sid in slide_ids]
     tile_areas = []
     for i, r in enumerate(records):
         if r["status"] in ("ok", "ok_empty"):
@@ -371,6 +361,15 @@ def _aggregate_locked(specimen_dir: Path, specimen_id: str, slide_ids: Sequence[
               for r in usable}
     write_atomic(specimen_dir / "report.html", render_report(result, images).encode("utf-8"))
     return result
+
+
+def _slide_json(slide_dir: Path) -> dict[str, Any]:
+    """The ``slide.json`` in ``slide_dir``; its ``slide_id`` must be the folder's name (the outputs are found by it)."""
+    record = json.loads((slide_dir / "slide.json").read_text(encoding="utf-8"))
+    if record.get("slide_id") != slide_dir.name:
+        raise ConfigError(f"{slide_dir / 'slide.json'}: slide_id {record.get('slide_id')!r} is not the name of its "
+                          f"folder {slide_dir.name!r} (moved or renamed by hand?); run the slide again")
+    return record
 
 
 _SLIDE_ENTRY_KEYS = ("slide_id", "path", "status", "error", "backend", "mpp", "mpp_source", "dimensions_px",
@@ -415,23 +414,33 @@ def run_specimen(paths: Sequence[str | Path], specimen_id: str, out_dir: Path, c
 
     ``mpp`` / ``force_mpp``: as :func:`~wsi_response.slide.open_slide`; a value that is implausible,
     disagrees with a slide's own MPP (not forced) or makes a slide need too much memory is a
-    :class:`ConfigError` before anything is computed or written. Slides already done (a current
-    ``ok``/``ok_empty`` ``slide.json`` measured at the MPP this run would use, an intact tile store)
-    are kept, not redone. Holds the locks of the specimen folder and of its slides' folders
-    throughout; raises :class:`~wsi_response.locks.FolderBusyError` at once when another process
-    holds one.
+    :class:`ConfigError` before anything is computed or written. Before anything is written, the
+    ids are checked (:mod:`~wsi_response.ids`), a file listed twice (by any spelling or link) is a
+    :class:`ConfigError`, and every folder to be written must resolve inside ``out_dir``. Slides
+    already done (a current ``ok``/``ok_empty`` ``slide.json`` measured at the MPP this run would
+    use, an intact tile store) are kept, not redone. Holds the locks of the specimen folder and of
+    its slides' folders throughout; raises :class:`~wsi_response.locks.FolderBusyError` at once
+    when another process holds one.
     """
+    check_specimen_id(specimen_id, "specimen_id")
+    twice = same_file_pairs(paths)
+    if twice:
+        raise ConfigError("the same slide file is listed twice: " + "; ".join(
+            f"slide {i + 1} ({str(paths[i])!r}) is slide {j + 1} ({str(paths[j])!r})" for i, j in twice))
     check_mpp_argument(paths, mpp, cfg, force=force_mpp)
     specimen_dir = Path(out_dir) / specimen_id
-    check_writable(specimen_dir)
-    with specimen_locks(specimen_dir, unique_slide_ids(paths)):
-        return _run_locked(paths, specimen_id, out_dir, classifier, cfg, mpp=mpp, force_mpp=force_mpp, quiet=quiet)
-
-
-def _run_locked(paths: Sequence[str | Path], specimen_id: str, out_dir: Path, classifier: Any, cfg: Config, *,
-                mpp: float | None = None, force_mpp: bool = False, quiet: bool = False) -> dict[str, Any]:
-    specimen_dir = Path(out_dir) / specimen_id
     ids = unique_slide_ids(paths)
+    check_inside(out_dir, specimen_dir, *(specimen_dir / "slides" / sid for sid in ids))
+    check_writable(specimen_dir)
+    with specimen_locks(specimen_dir, ids):
+        return _run_locked(paths, ids, specimen_id, out_dir, classifier, cfg, mpp=mpp, force_mpp=force_mpp,
+                           quiet=quiet)
+
+
+def _run_locked(paths: Sequence[str | Path], ids: Sequence[str], specimen_id: str, out_dir: Path, classifier: Any,
+                cfg: Config, *, mpp: float | None = None, force_mpp: bool = False,
+                quiet: bool = False) -> dict[str, Any]:
+    specimen_dir = Path(out_dir) / specimen_id
     cfg_sha = config_sha256(cfg)
     progress = None if quiet else _stderr_progress(len(paths))
     for index, (path, slide_id) in enumerate(zip(paths, ids)):

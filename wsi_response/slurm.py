@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import ConfigError, WsiResponseError
+from .ids import check_inside
 from .pipeline import check_writable
 
 __all__ = ["SlurmOptions", "Submission", "batch_command", "array_job", "aggregate_job", "submit"]
@@ -126,6 +127,7 @@ def submit(manifest: Path, out_dir: Path, opts: SlurmOptions, batch_args: Sequen
     if dry_run:
         return ARRAY_ID_PLACEHOLDER, "<AGGREGATE_JOB_ID>", [
             first, aggregate_job(manifest, out_dir, opts, batch_args, ARRAY_ID_PLACEHOLDER)]
+    check_inside(out_dir, out_dir / "logs")
     check_writable(out_dir / "logs")
     array_id = _sbatch(first)
     second = aggregate_job(manifest, out_dir, opts, batch_args, array_id)

@@ -54,6 +54,7 @@ import numpy as np
 
 from .atomic import atomic_open, write_atomic
 from .classes import CLASSES, TUMOR_BED, qupath_classification
+from .ids import check_inside, check_specimen_id
 from .synth_domains import DOMAINS, Domain, Scanner, draw_scanner, split_subtypes
 from .synth_textures import SUBTYPES, build_atlas, periodic_noise, smooth_noise
 
@@ -903,7 +904,8 @@ def synth_specimen(
         raise ValueError(f"unknown domain {domain!r}; choose from {', '.join(DOMAINS)}")
     if int(n_slides) < 1:
         raise ValueError(f"n_slides must be >= 1, not {n_slides}")
-    folder = Path(out_dir) / specimen_id
+    folder = Path(out_dir) / check_specimen_id(specimen_id, "specimen_id")
+    check_inside(out_dir, folder)
     folder.mkdir(parents=True, exist_ok=True)
     if viable_fraction is None:
         viable_fraction = float(np.random.default_rng(
