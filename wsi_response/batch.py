@@ -47,6 +47,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from .atomic import write_json_atomic
 from .config import Config
 from .errors import ConfigError, OutputError, SlideReadError, WsiResponseError
+from .inputs import UnreadableInput, read_regular_file
 from .pipeline import (aggregate_specimen, check_writable, config_sha256, current_slide_record, process_slide,
                        raise_if_environment, record_failure, unique_slide_ids)
 
@@ -99,8 +100,10 @@ def read_manifest(path: str | os.PathLike) -> list[SlideTask]:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")   # Excel writes a BOM
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_regular_file(path, "manifest").decode("utf-8-sig")   # Excel writes a BOM
+    except UnreadableInput as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: cannot read the manifest ({exc})") from None
     rows = csv.reader(text.splitlines())
     header = [h.strip() for h in next(rows, [])]
