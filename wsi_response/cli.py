@@ -182,21 +182,21 @@ def _exists(path: str) -> bool:
     return True
 
 
-def _check_device(cfg: Any) -> None:
-    """A device that this machine lacks is a usage error before any slide is touched."""
-    from .inference import resolve_device
+def _load_run_setup(args: argparse.Namespace, overrides: list[str], *, device_here: bool = True):
+    """Config (with --device) and the classifier checked against it; says which model is used.
 
-    resolve_device(cfg.inference.device)
-
-
-def _load_run_setup(args: argparse.Namespace, overrides: list[str]):
-    """Config (with --device) and the classifier checked against it; says which model is used."""
-    from .classifier import default_model_path, load_classifier
+    ``device_here``: the config's device must exist on this machine (not so for ``slurm``).
+    """
     from .config import load_config
 
     if args.device is not None:
         overrides = [*overrides, f"inference.device={args.device}"]
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)  # before importing torch: a bad config fails at once
+    from .classifier import default_model_path, load_classifier
+    from .inference import resolve_device
+
+    if device_here:
+        resolve_device(cfg.inference.device)  # a GPU this machine lacks: usage error before any slide
     model_path = args.model or default_model_path()
     classifier = load_classifier(model_path, cfg.tiling)
     if not args.quiet:
@@ -240,7 +240,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not slides:
         raise ConfigError("run: no slide given")
     cfg, classifier = _load_run_setup(args, overrides)
-    _check_device(cfg)
     result = run_specimen(slides, args.specimen, args.out, classifier, cfg, mpp=args.mpp, quiet=args.quiet)
     _print_specimen(result, args.out, args.json)
     return _exit_code(result)
@@ -272,7 +271,8 @@ def _read_batch_manifest(args: argparse.Namespace):
     from .batch import read_manifest
 
     tasks = read_manifest(args.manifest)
-    cfg, classifier = _load_run_setup(args, list(args.overrides))
+    cfg, classifier = _load_run_setup(args, list(args.overrides),
+                                      device_here=args.command == "batch" and args.gpus is None)
     return tasks, cfg, classifier
 
 
@@ -306,8 +306,6 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         raise ConfigError("batch: give both --task-index and --task-count, or neither")
     index, count = ((args.task_index, args.task_count) if args.task_index is not None
                     else task_from_env() or (0, 1))
-    if args.gpus is None:
-        _check_device(cfg)
     missing = missing_slides(shard(tasks, index, count))
     if missing:
         print(f"wsi-response: {len(missing)} slide file(s) in {args.manifest} do not exist; they are recorded as "
@@ -365,7 +363,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     specimen_id = "DEMO-001"
     data = args.out / "slides"
     cfg, classifier = _load_run_setup(args, [])
-    _check_device(cfg)
     if not args.quiet:
         print(f"writing a synthetic specimen ({args.slides} slides) to {data} ...", file=sys.stderr)
     truth = synth_specimen(data, specimen_id, args.slides, seed=args.seed, size_px=(12000, 9000), mpp=0.25,

@@ -49,7 +49,7 @@ def read_regular_file(path: str | os.PathLike[str], what: str = "file", max_byte
         st = os.fstat(fd)
         problem = _mode_problem(st.st_mode, what)
         if problem is None and max_bytes is not None and st.st_size > max_bytes:
-            problem = f"is {st.st_size:,} bytes; a {what} has at most {max_bytes:,}"
+            problem = f"is {st.st_size:,} bytes; {_a(what)} has at most {max_bytes:,}"
         if problem is not None:
             raise UnreadableInput(problem)
         try:
@@ -62,7 +62,7 @@ def _mode_problem(mode: int, what: str) -> str | None:
     if stat.S_ISREG(mode):
         return None
     if stat.S_ISDIR(mode):
-        return f"is a folder, not a {what}"
+        return f"is a folder, not {_a(what)}"
     kind = next((name for test, name in _KINDS if test(mode)), "an unknown kind of file")
     return f"is {kind}, not a regular file"
 
@@ -75,3 +75,7 @@ def _os_problem(path: str | os.PathLike[str], exc: OSError, what: str) -> str:
     if exc.errno == errno.ENAMETOOLONG:
         return "file name too long"
     return f"cannot read ({exc.strerror or exc})"
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"

@@ -32,7 +32,7 @@ from .artefacts import ArtefactMask, cell_intensity_flags, detect_artefacts
 from .classes import ARTEFACT, CLASSES, COLORS_RGB, QUPATH_NAMES
 from .qc import slide_qc, specimen_qc
 from .config import Config, QcConfig, config_to_dict
-from .errors import OutputError, WsiResponseError
+from .errors import ConfigError, OutputError, WsiResponseError
 from .focus import FocusJob
 from .quantify import SlideAreas, slide_areas_from_tiles, specimen_areas
 from .report import box_thumbnail, heatmap_png, mask_on_thumbnail, overlay_png, render_report
@@ -378,6 +378,8 @@ def run_specimen(paths: Sequence[str | Path], specimen_id: str, out_dir: Path, c
         try:
             process_slide(path, slide_id, slide_dir, classifier, cfg, mpp=mpp,
                           progress=progress.tiles if progress else None)
+        except ConfigError:  # about the arguments, not the slide: stop, record nothing
+            raise
         except Exception as exc:  # a bad slide is recorded and skipped; the environment stops the run
             raise_if_environment(exc, specimen_dir)
             record = record_failure(path, slide_id, slide_dir, classifier, cfg, exc)
