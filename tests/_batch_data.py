@@ -78,10 +78,11 @@ def slide_json(out: Path, specimen: str, slide_id: str) -> dict[str, Any]:
     return json.loads((out / specimen / "slides" / slide_id / "slide.json").read_text(encoding="utf-8"))
 
 
-def cli(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 300,
+        cwd: Path | None = None) -> subprocess.CompletedProcess:
     """``python -m wsi_response.cli ARGS`` in a subprocess."""
     return subprocess.run([sys.executable, "-m", "wsi_response.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+                          text=True, timeout=timeout, env=env, cwd=cwd)
 
 
 __all__ = ["BatchData", "batch_data", "without_timing", "specimen_json", "slide_json", "cli", "OVERRIDES",

@@ -22,8 +22,9 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
     """A binary file handle whose content replaces ``path`` only if the block ends without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
+    tmp = ""
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results are shared files
         os.close(fd)
         with open(tmp, "wb") as fh:  # a named handle (some writers, e.g. tifffile, need the name)
@@ -31,10 +32,18 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as exc:
+        if tmp:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError) and _about_this_write(exc, path):  # name the file, not its temporary
+            exc.filename = str(path)
         raise
+
+
+def _about_this_write(error: OSError, path: Path) -> bool:
+    """Whether ``error`` came from writing ``path`` (no file named, or its temporary file named)."""
+    return error.filename is None or os.path.basename(os.fsdecode(error.filename)).startswith(f".{path.name}.")
 
 
 def _umask() -> int:

@@ -57,6 +57,7 @@ from .atomic import write_json_atomic
 from .config import Config
 from .errors import ConfigError, OutputError, SlideReadError, WsiResponseError
 from .ids import check_inside, check_specimen_id, folder_key, same_file_pairs, unique_slide_ids
+from .inputs import UnreadableInput, read_regular_file
 from .locks import FolderBusyError, folder_lock, specimen_locks
 from .pipeline import (aggregate_specimen, check_writable, config_sha256, current_slide_record, damaged_store,
                        process_slide, raise_if_environment, record_failure)
@@ -117,8 +118,10 @@ def read_manifest(path: str | os.PathLike) -> list[SlideTask]:
     """
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8-sig")   # Excel writes a BOM; newlines inside quotes are kept
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_regular_file(path, "manifest").decode("utf-8-sig")   # Excel writes a BOM; newlines inside quotes are kept
+    except UnreadableInput as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: cannot read the manifest ({exc})") from None
     rows = csv.reader(io.StringIO(text, newline=""))
     header = [h.strip() for h in next(rows, [])]

@@ -33,6 +33,7 @@ from .atomic import write_atomic
 from .classes import CLASSES
 from .config import TilingConfig
 from .errors import ConfigError, ModelError
+from .inputs import UnreadableInput, file_problem, read_regular_file
 
 __all__ = [
     "FORMAT",
@@ -137,8 +138,9 @@ def build_model(arch: str, num_classes: int = len(CLASSES), weights: str | os.Pa
 
 
 def _load_backbone_weights(model: nn.Module, path: Path) -> None:
-    if not path.is_file():
-        raise ModelError(path, "no such weights file")
+    problem = file_problem(path, "weights file")
+    if problem is not None:
+        raise ModelError(path, problem)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -195,9 +197,10 @@ def load_classifier(path: str | os.PathLike, tiling: TilingConfig | None = None)
     from safetensors.torch import load
 
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(path, "no such model file")
-    data = path.read_bytes()
+    try:
+        data = read_regular_file(path, "model file")
+    except UnreadableInput as exc:
+        raise ModelError(path, str(exc)) from None
     meta = _read_metadata(path, data)
     try:
         state = load(data)

@@ -1,24 +1,95 @@
 """The ``wsi-response`` command: parse arguments, call the library, print. Nothing else.
 
-Exit codes: 0 success, 1 a slide (or other input) failed, 2 usage or configuration error.
+Exit codes: 0 success, 1 a slide (or other input, or the output disk) failed, 2 usage or
+configuration error, 70 internal error (a bug: one line, the traceback in a log file), 130
+interrupted (SIGINT), 141 stdout closed by its reader (``| head``), 143 terminated (SIGTERM).
+Every error is one line on stderr (:func:`main`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import math
 import os
+import select
+import signal
 import sys
+import tempfile
+import threading
+import time
+import traceback
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from . import __version__
 from .errors import ConfigError, WsiResponseError
 from .malloc_arenas import limit_malloc_arenas
 
-__all__ = ["main"]
+__all__ = ["main", "Terminated"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERNAL = 70                      # sysexits' EX_SOFTWARE: a bug; the traceback is in a log file
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED = 130, 141, 143  # 128 + SIGINT, SIGPIPE, SIGTERM
 MAX_ARRAY_TASKS = 1000  # SLURM's default MaxArraySize is 1001
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)  # the output disk refuses a write
+_ACCESS_ERRNOS = (errno.EACCES, errno.EPERM, errno.EIO)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, ``wsi-response: error: PROBLEM (see ...)``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"wsi-response: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
+def _number(text: str) -> float:
+    """A finite float (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _mpp(text: str) -> float:
+    """µm per level-0 px within the plausible range of :data:`~wsi_response.slide.MPP_RANGE` (argparse type)."""
+    from .slide import MPP_RANGE
+
+    value = _number(text)
+    if not MPP_RANGE[0] <= value <= MPP_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"{text} µm/px is outside the plausible range "
+                                         f"{MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} µm/px")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """A number in [0, 1] (argparse type)."""
+    value = _number(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text} is less than {low}")
+        return value
+    return parse
+
+
+def _gpus(text: str) -> str:
+    """``all`` or a number of GPUs >= 1 (argparse type; batch checks it against the GPUs visible)."""
+    return text if text == "all" else str(_at_least(1)(text))
 
 
 def _synth_domains() -> tuple[str, ...]:
@@ -44,10 +115,10 @@ def _mpp_args(args: argparse.Namespace) -> tuple[float | None, bool]:
 
 def _add_mpp_options(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--mpp", type=float, default=None, metavar="UM",
+    group.add_argument("--mpp", type=_mpp, default=None, metavar="UM",
                        help="µm per level-0 px of slides without their own MPP (where a slide has one, they must "
                             "agree within 1 %%)")
-    group.add_argument("--force-mpp", type=float, default=None, metavar="UM",
+    group.add_argument("--force-mpp", type=_mpp, default=None, metavar="UM",
                        help="µm per level-0 px replacing every slide's own MPP (recorded as mpp_source override)")
 
 
@@ -120,19 +191,35 @@ def _split_overrides(items: Sequence[str]) -> tuple[list[Path], list[str]]:
     slides, overrides = [], []
     for item in items:
         head, sep, _ = item.partition("=")
-        is_override = bool(sep) and "." in head and "/" not in head and not Path(item).exists()
+        is_override = bool(sep) and "." in head and "/" not in head and not _exists(item)
         (overrides if is_override else slides).append(item if is_override else Path(item))
     return slides, overrides
 
 
-def _load_run_setup(args: argparse.Namespace, overrides: list[str]):
-    """Config (with --device) and the classifier checked against it; says which model is used."""
-    from .classifier import default_model_path, load_classifier
+def _exists(path: str) -> bool:
+    """Whether ``path`` names anything (False, not an error, for names too long or in a link loop)."""
+    try:
+        os.lstat(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _load_run_setup(args: argparse.Namespace, overrides: list[str], *, device_here: bool = True):
+    """Config (with --device) and the classifier checked against it; says which model is used.
+
+    ``device_here``: the config's device must exist on this machine (not so for ``slurm``).
+    """
     from .config import load_config
 
     if args.device is not None:
         overrides = [*overrides, f"inference.device={args.device}"]
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)  # before importing torch: a bad config fails at once
+    from .classifier import default_model_path, load_classifier
+    from .inference import resolve_device
+
+    if device_here:
+        resolve_device(cfg.inference.device)  # a GPU this machine lacks: usage error before any slide
     model_path = args.model or default_model_path()
     classifier = load_classifier(model_path, cfg.tiling)
     if not args.quiet:
@@ -188,8 +275,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_aggregate(args: argparse.Namespace) -> int:
     from .ids import check_inside, check_specimen_id
     from .locks import FolderBusyError
-    from .pipeline import aggregate_specimen
+    from .pipeline import aggregate_specimen, check_writable
 
+    if not args.dir.is_dir():
+        raise ConfigError(f"aggregate: {args.dir} is not a folder")
     folders = [args.dir] if (args.dir / "slides").is_dir() else sorted(
         p for p in args.dir.iterdir() if (p / "slides").is_dir())
     if not folders:
@@ -198,6 +287,7 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
     check_inside(args.dir, *folders)
     code = EXIT_OK
     for folder, specimen_id in zip(folders, ids):
+        check_writable(folder)
         previous = folder / "specimen.json"
         try:
             result = aggregate_specimen(folder, specimen_id)
@@ -217,7 +307,8 @@ def _read_batch_manifest(args: argparse.Namespace):
     from .batch import read_manifest
 
     tasks = read_manifest(args.manifest)
-    cfg, classifier = _load_run_setup(args, list(args.overrides))
+    cfg, classifier = _load_run_setup(args, list(args.overrides),
+                                      device_here=args.command == "batch" and args.gpus is None)
     return tasks, cfg, classifier
 
 
@@ -309,11 +400,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     specimen_id = "DEMO-001"
     data = args.out / "slides"
+    cfg, classifier = _load_run_setup(args, [])
     if not args.quiet:
         print(f"writing a synthetic specimen ({args.slides} slides) to {data} ...", file=sys.stderr)
     truth = synth_specimen(data, specimen_id, args.slides, seed=args.seed, size_px=(12000, 9000), mpp=0.25,
                            viable_fraction=0.2)
-    cfg, classifier = _load_run_setup(args, [])
     result = run_specimen([s.slide_path for s in truth.slides], specimen_id, args.out / "results", classifier,
                           cfg, quiet=args.quiet)
     _print_specimen(result, args.out / "results", False)
@@ -323,7 +414,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="wsi-response",
         description="Viable tumor percentage of treated sarcoma resections from whole-slide images.")
     parser.add_argument("--version", action="version", version=f"wsi-response {__version__}")
@@ -339,11 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write a synthetic H&E specimen with exact ground truth")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--specimen", required=True, help="specimen id (folder name under --out)")
-    p.add_argument("--slides", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slides", type=_at_least(1), default=3)
+    p.add_argument("--seed", type=_at_least(0), default=0)
     p.add_argument("--size", type=_size, default=(8000, 6000), help="level-0 WxH px (default 8000x6000)")
-    p.add_argument("--mpp", type=float, default=0.25, help="µm per level-0 pixel (default 0.25)")
-    p.add_argument("--viable-fraction", type=float, default=None,
+    p.add_argument("--mpp", type=_mpp, default=0.25, help="µm per level-0 pixel (default 0.25)")
+    p.add_argument("--viable-fraction", type=_fraction, default=None,
                    help="target viable / tumor bed (0-1); random per slide if omitted")
     p.add_argument("--format", choices=("svs", "tiff"), default="svs")
     p.add_argument("--artefacts", default="", metavar="KINDS",
@@ -357,14 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", type=Path, nargs="+", required=True,
                    help="QuPath GeoJSON per slide (paired by stem, else by order)")
     p.add_argument("--out", type=Path, required=True, help="model file to write (.safetensors)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--val-split", type=float, default=None, help="fraction of slides held out (by slide)")
+    p.add_argument("--epochs", type=_at_least(1), default=None)
+    p.add_argument("--val-split", type=_fraction, default=None, help="fraction of slides held out (by slide)")
     p.add_argument("--arch", default=None, help="timm model name (default from training.arch: resnet18)")
     p.add_argument("--weights", type=Path, default=None, help="local pretrained backbone weights (never downloaded)")
     p.add_argument("--weights-dtype", choices=("float32", "float16"), default="float32",
                    help="dtype of the stored weights (float16 halves the file)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=_at_least(0), default=None)
     p.add_argument("--config", type=Path, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. training.batch_size=16")
@@ -394,17 +485,17 @@ def build_parser() -> argparse.ArgumentParser:
     def batch_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("manifest", type=Path, help="CSV with header specimen_id,slide_path")
         p.add_argument("--out", type=Path, required=True)
-        p.add_argument("--workers", type=int, default=None,
+        p.add_argument("--workers", type=_at_least(1), default=None,
                        help="worker processes, one slide each at a time (default: one per GPU, else 1)")
         run_options(p)
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
     p = sub.add_parser("batch", help="score the slides of a manifest (resumable; one shard of a job array)")
     batch_options(p)
-    p.add_argument("--task-index", type=int, default=None,
+    p.add_argument("--task-index", type=_at_least(0), default=None,
                    help="this task's shard, 0-based (default: from SLURM_ARRAY_TASK_ID, else 0)")
-    p.add_argument("--task-count", type=int, default=None, help="number of shards (default: SLURM_ARRAY_TASK_COUNT, else 1)")
-    p.add_argument("--gpus", default=None, metavar="all|N", help="spread slides over these GPUs, one worker each")
+    p.add_argument("--task-count", type=_at_least(1), default=None, help="number of shards (default: SLURM_ARRAY_TASK_COUNT, else 1)")
+    p.add_argument("--gpus", type=_gpus, default=None, metavar="all|N", help="spread slides over these GPUs, one worker each")
     p.add_argument("--aggregate-only", action="store_true",
                    help="run no slide: aggregate complete specimens, write DIR/batch-summary.json, list failures")
     p.set_defaults(func=_cmd_batch)
@@ -412,11 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("slurm", help="submit a batch as a SLURM job array plus a follow-up aggregate job")
     batch_options(p)
     p.add_argument("--partition", default=None)
-    p.add_argument("--tasks", type=int, default=None,
+    p.add_argument("--tasks", type=_at_least(1), default=None,
                    help=f"array tasks (default: one per slide, at most {MAX_ARRAY_TASKS})")
-    p.add_argument("--max-parallel", type=int, default=None, help="array tasks running at once")
-    p.add_argument("--gpus-per-task", type=int, default=1, help="GPUs per task (0: CPU only; default 1)")
-    p.add_argument("--cpus-per-task", type=int, default=None)
+    p.add_argument("--max-parallel", type=_at_least(1), default=None, help="array tasks running at once")
+    p.add_argument("--gpus-per-task", type=_at_least(0), default=1, help="GPUs per task (0: CPU only; default 1)")
+    p.add_argument("--cpus-per-task", type=_at_least(1), default=None)
     p.add_argument("--mem", default=None, help="memory per task, sbatch syntax (e.g. 16G)")
     p.add_argument("--time", default=None, help="time limit per task, sbatch syntax (e.g. 2:00:00)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch calls and scripts; submit nothing")
@@ -424,35 +515,162 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="make a synthetic specimen and score it with the bundled demo model")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--slides", type=int, default=3)
-    p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--slides", type=_at_least(1), default=3)
+    p.add_argument("--seed", type=_at_least(0), default=2024)
     run_options(p)
     p.set_defaults(func=_cmd_demo)
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: raised in the main process, so every ``finally`` and context manager runs
+    (process pools and tile readers end their children) before :func:`main` says so and exits 143."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the exit code."""
+    """Entry point of the console script; returns the exit code (see the module doc).
+
+    The one place where errors become messages: usage and config errors exit 2, slide, input and
+    output-disk errors exit 1, each with one line naming the file; anything else is a bug, printed
+    as one line naming a log file that holds the traceback (:func:`_report_internal_error`).
+    """
     limit_malloc_arenas()  # before torch's threads; the batch's worker processes inherit it
     parser = build_parser()
+    try:
+        args = _parse(parser, argv)
+    except SystemExit as exc:  # --help, --version, usage errors (one line, see _Parser)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    func: Callable[[argparse.Namespace], int] = args.func
+    with _signals_raise():
+        try:
+            code = func(args)
+            sys.stdout.flush()  # a reader that went away shows here, not in the interpreter's exit
+            return code
+        except ConfigError as exc:
+            return _say(f"error: {exc}", EXIT_USAGE)
+        except WsiResponseError as exc:
+            return _say(f"error: {exc}", EXIT_FAILED)
+        except BrokenPipeError as exc:
+            if not _stdout_closed():
+                return _report_internal_error(exc, args)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the rest of the output goes nowhere
+            return EXIT_BROKEN_PIPE
+        except OSError as exc:
+            if exc.filename is None or exc.errno not in (*_NO_SPACE_ERRNOS, *_ACCESS_ERRNOS):
+                return _report_internal_error(exc, args)
+            problem = f"cannot write ({exc.strerror})" if exc.errno in _NO_SPACE_ERRNOS else exc.strerror
+            return _say(f"error: {os.fsdecode(exc.filename)}: {problem}", EXIT_FAILED)
+        except KeyboardInterrupt:
+            _end_children()
+            return _say("interrupted", EXIT_INTERRUPTED)
+        except Terminated:
+            _end_children()
+            return _say("terminated", EXIT_TERMINATED)
+        except Exception as exc:  # a bug: one line here, the traceback in a log file
+            return _report_internal_error(exc, args)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     args, extra = parser.parse_known_args(argv)  # key=value overrides may follow the options
     target = "items" if hasattr(args, "items") else "overrides"  # `run` takes slides and overrides together
     if extra and isinstance(getattr(args, target, None), list) and not any(e.startswith("-") for e in extra):
         setattr(args, target, getattr(args, target) + extra)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    func: Callable[[argparse.Namespace], int] = args.func
+    return args
+
+
+def _say(message: str, code: int) -> int:
+    print(f"wsi-response: {message}", file=sys.stderr)
+    return code
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` (once) and SIGINT ``KeyboardInterrupt`` in this process.
+
+    A process forked from this one (the focus measure's pool) inherits the handler; there it
+    dies of the signal at once, as without a handler, instead of printing a traceback.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pid, terminating = os.getpid(), []
+
+    def handle(signum: int, frame: Any) -> None:
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not terminating:  # a second SIGTERM must not break the cleanup of the first
+            terminating.append(signum)
+            raise Terminated
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return func(args)
-    except ConfigError as exc:
-        print(f"wsi-response: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except WsiResponseError as exc:
-        print(f"wsi-response: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("wsi-response: interrupted", file=sys.stderr)
-        return 130
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _end_children(grace_s: float = 5.0) -> None:
+    """Terminate the child processes still running (tile readers, pools), then kill those that stay."""
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():  # a child ignoring SIGTERM
+            child.kill()
+            child.join(1.0)
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (``| head``), as opposed to any other broken pipe."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)  # POLLERR is always reported
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() (Windows) or no stdout: assume it was stdout
+        return True
+
+
+def _report_internal_error(error: BaseException, args: argparse.Namespace) -> int:
+    """One line naming the error and the log file with its traceback; exit code 70."""
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    log = _write_log(text, args)
+    summary = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+    where = f"traceback in {log}" if log else "no log could be written; traceback:\n" + text.rstrip()
+    return _say(f"internal error: {summary}; {where}", EXIT_INTERNAL)
+
+
+def _log_folders(args: argparse.Namespace) -> list[Path]:
+    """Where the traceback of an internal error is written, first writable wins: ``OUT/logs`` when
+    the command's output folder (``--out``, ``aggregate DIR``) exists, then
+    ``$XDG_CACHE_HOME/wsi-response/logs`` (default ``~/.cache/...``), then the temp folder."""
+    folders = [Path(d) / "logs" for d in (getattr(args, "out", None), getattr(args, "dir", None))
+               if d is not None and Path(d).is_dir()]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return [*folders, Path(cache) / "wsi-response" / "logs", Path(tempfile.gettempdir())]
+
+
+def _write_log(text: str, args: argparse.Namespace) -> Path | None:
+    name = f"wsi-response-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    header = f"wsi-response {__version__}, python {sys.version.split()[0]}\ncommand: {' '.join(sys.argv)}\n\n"
+    for folder in _log_folders(args):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(header + text, encoding="utf-8", errors="replace")
+            return folder / name
+        except OSError:
+            continue
+    return None
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ its unit and is tested to match them. Each field's ``metadata`` holds its allowe
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from .errors import ConfigError
+from .inputs import UnreadableInput, read_regular_file
 
 __all__ = [
     "TissueConfig",
@@ -28,6 +30,9 @@ __all__ = [
     "load_config",
     "config_to_dict",
 ]
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few kB; larger ones are refused before parsing
+MAX_YAML_DEPTH = 16         # nesting levels a config may have (it needs 4)
 
 
 def _f(default: Any, *, range: tuple[float, float] | None = None,
@@ -182,24 +187,73 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     if path is not None:
         path = Path(path)
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+            raw = read_regular_file(path, "config file", MAX_CONFIG_BYTES)
+        except UnreadableInput as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+        loaded = _parse_yaml(text, f"{path}: not valid YAML") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config file must be a mapping of sections")
         values = loaded
     for item in overrides:
-        key, sep, raw = item.partition("=")
+        key, sep, raw_value = item.partition("=")
         if not sep or "." not in key:
-            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. tiling.target_mpp=0.5")
+            raise ConfigError(f"override {_shown(item)}: expected section.key=value, e.g. tiling.target_mpp=0.5")
         section, _, name = key.strip().partition(".")
         values.setdefault(section, {})
         if not isinstance(values[section], dict):
             raise ConfigError(f"{section}: must be a mapping")
-        values[section][name] = yaml.safe_load(raw)
+        values[section][name] = _parse_yaml(raw_value, f"override {_shown(item)}: not a valid YAML value")
     return _build(Config, values, "")
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader without anchors and aliases and with at most ``MAX_YAML_DEPTH`` levels of nesting.
+
+    A config needs neither; aliases are what "billion laughs" documents multiply, and deep
+    nesting exhausts the recursion of the composer.
+    """
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases (&name, *name) are not allowed in a "
+                                              "config", event.start_mark)
+        if self.depth >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep",
+                                              event.start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _parse_yaml(text: str, what: str) -> Any:
+    """``text`` parsed by :class:`_ConfigLoader`; a ``ConfigError`` starting with ``what`` if it is not valid."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{what} ({where}{_cut(exc.problem or exc.context or '', 200)})") from None
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: e.g. an integer of more digits than Python reads
+        raise ConfigError(f"{what} ({_cut(str(exc).split(';')[0], 200)})") from None
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` for a message: one line, at most 80 characters (never a whole document)."""
+    return _cut(repr(value), 80)
+
+
+def _cut(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else f"{text[:limit - 1]}…"
 
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
@@ -207,7 +261,7 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in values:
         if key not in known:
-            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(known)})")
+            raise ConfigError(f"{prefix}{_cut(str(key), 80)}: unknown key (known: {', '.join(known)})")
     kwargs: dict[str, Any] = {}
     for name, fld in known.items():
         if name not in values:
@@ -216,7 +270,7 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
         value = values[name]
         if dataclasses.is_dataclass(kind):
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{prefix}{name}: must be a mapping of keys, got {value!r}")
+                raise ConfigError(f"{prefix}{name}: must be a mapping of keys, got {_shown(value)}")
             kwargs[name] = _build(kind, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _check(f"{prefix}{name}", kind, value, fld.metadata)
@@ -228,24 +282,26 @@ def _check(key: str, kind: Any, value: Any, meta: Mapping[str, Any]) -> Any:
         origin = typing.get_origin(kind)
         if origin is dict and isinstance(value, dict):
             return {str(k): str(v) for k, v in value.items()}
-        raise ConfigError(f"{key}: {value!r} is not a {kind}")
+        raise ConfigError(f"{key}: {_shown(value)} is not a {kind}")
     if kind is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: {value!r} is not true/false")
+            raise ConfigError(f"{key}: {_shown(value)} is not true/false")
         return value
     if kind in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: {value!r} is not a number")
-        if kind is int and float(value) != int(value):
+            raise ConfigError(f"{key}: {_shown(value)} is not a number")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: {value!r} is not a finite number")
+        if kind is int and isinstance(value, float) and not value.is_integer():
             raise ConfigError(f"{key}: {value!r} is not a whole number")
         lo_hi = meta.get("range")
         if lo_hi is not None and not (lo_hi[0] <= value <= lo_hi[1]):
-            raise ConfigError(f"{key}: {value!r} is out of range [{lo_hi[0]}, {lo_hi[1]}]")
+            raise ConfigError(f"{key}: {_shown(value)} is out of range [{lo_hi[0]}, {lo_hi[1]}]")
         return kind(value)
     if kind is str:
         value = str(value)
         choices = meta.get("choices")
         if choices and value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+            raise ConfigError(f"{key}: {_shown(value)} is not one of {', '.join(choices)}")
         return value
     raise ConfigError(f"{key}: unsupported type {kind}")

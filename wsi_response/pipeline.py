@@ -453,6 +453,8 @@ def _run_locked(paths: Sequence[str | Path], ids: Sequence[str], specimen_id: st
         try:
             process_slide(path, slide_id, slide_dir, classifier, cfg, mpp=mpp, force_mpp=force_mpp,
                           progress=progress.tiles if progress else None)
+        except ConfigError:  # about the arguments, not the slide: stop, record nothing
+            raise
         except Exception as exc:  # a bad slide is recorded and skipped; the environment stops the run
             raise_if_environment(exc, specimen_dir)
             record = record_failure(path, slide_id, slide_dir, classifier, cfg, exc)

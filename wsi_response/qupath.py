@@ -32,6 +32,7 @@ import shapely.affinity
 from .atomic import atomic_open
 from .classes import QUPATH_NAMES, qupath_classification
 from .errors import AnnotationError
+from .inputs import UnreadableInput, read_regular_file
 from .tiling import TileGrid
 
 __all__ = ["Annotation", "read_annotations", "read_features", "overlay_features", "write_overlay", "write_tiles"]
@@ -54,20 +55,20 @@ class Annotation:
 
 def read_features(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The Feature objects of a QuPath GeoJSON file (``.geojson`` or ``.geojson.gz``)."""
-    import gzip
-
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw = read_regular_file(path, "annotation file")
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
         doc = json.loads(raw.decode("utf-8-sig"))
-    except FileNotFoundError:
-        raise AnnotationError(path, "no such annotation file") from None
-    except OSError as exc:
+    except UnreadableInput as exc:
+        raise AnnotationError(path, str(exc)) from None
+    except OSError as exc:  # gzip: a corrupt stream
         raise AnnotationError(path, f"cannot read ({exc.strerror or exc})") from None
     except (ValueError, EOFError) as exc:
         raise AnnotationError(path, f"not valid JSON ({' '.join(str(exc).split())[:150]})") from None
+    except RecursionError:
+        raise AnnotationError(path, "arrays or objects nested too deeply to be GeoJSON") from None
     if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
         features = doc.get("features")
         if not isinstance(features, list):

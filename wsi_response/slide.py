@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import ConfigError, MissingMppError, SlideFormatError, SlideNotFoundError, SlideReadError
+from .inputs import file_problem
 
 __all__ = ["Slide", "Level", "open_slide", "check_mpp_value", "corrupt_tile_error", "BACKENDS", "MPP_RANGE",
            "MPP_TOLERANCE", "MAX_DECODE_BYTES", "MAX_ARRAY_BYTES"]
@@ -310,10 +311,11 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto", mpp: float |
     path = Path(path)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not path.exists():
+    if not os.path.lexists(path):
         raise SlideNotFoundError(path, "no such file")
-    if path.is_dir():
-        raise SlideFormatError(path, "is a folder, not a slide file")
+    problem = file_problem(path, "slide file")  # a folder, FIFO, device, link loop or broken link
+    if problem is not None:
+        raise SlideFormatError(path, problem)
     size = path.stat().st_size
     if size == 0:
         raise SlideFormatError(path, "empty file (0 bytes)")
