@@ -93,9 +93,9 @@ def _bad(f: Finished, name: str) -> str:
 
 # (arguments after `run SLIDE --specimen S1 --out OUT`, exit code, message; "{bad}" is the bad-inputs folder)
 RUN_CASES = [
-    (["--mpp", "0"], 2, "argument --mpp: 0 µm/px is outside the plausible range 0.05-100 µm/px (see "
+    (["--mpp", "0"], 2, "argument --mpp: 0 µm/px is outside the plausible range 0.05-20 µm/px (see "
                         "`wsi-response run --help`)"),
-    (["--mpp", "-1"], 2, "argument --mpp: -1 µm/px is outside the plausible range 0.05-100 µm/px (see "
+    (["--mpp", "-1"], 2, "argument --mpp: -1 µm/px is outside the plausible range 0.05-20 µm/px (see "
                          "`wsi-response run --help`)"),
     (["--mpp", "nan"], 2, "argument --mpp: 'nan' is not a finite number (see `wsi-response run --help`)"),
     (["--mpp", "inf"], 2, "argument --mpp: 'inf' is not a finite number (see `wsi-response run --help`)"),
@@ -164,7 +164,7 @@ OTHER_CASES = [
     (["info", "{bad}/loop-a"], 1, "{bad}/loop-a: is a symbolic link loop (too many levels of symbolic links)"),
     (["info", "{bad}/folder"], 1, "{bad}/folder: is a folder, not a slide file"),
     (["info", "{bad}/missing.svs"], 1, "{bad}/missing.svs: no such file"),
-    (["info", "{slide}", "--mpp", "0"], 2, "argument --mpp: 0 µm/px is outside the plausible range 0.05-100 µm/px "
+    (["info", "{slide}", "--mpp", "0"], 2, "argument --mpp: 0 µm/px is outside the plausible range 0.05-20 µm/px "
                                            "(see `wsi-response info --help`)"),
     (["batch", "{bad}/fifo", "--out", "{bad}/never"], 2, "{bad}/fifo: is a FIFO, not a regular file"),
     (["batch", "{bad}/loop-a", "--out", "{bad}/never"], 2,
