@@ -156,7 +156,7 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
 
         t2 = time.perf_counter()
         areas = slide_areas_from_tiles(predictions.probs, predictions.class_names, grid.tissue_fraction,
-                                       grid.cell_area_mm2)
+                                       grid.cell_area_mm2, grid.cols_rows)
         labels = predictions.labels
         excluded = TissueMask(mask.mask & ~usable.mask, mask.downsample, mask.mpp)
         thumb_ds = max(1.0, max(slide.dimensions_px) / THUMBNAIL_MAX_PX)
@@ -303,8 +303,8 @@ def aggregate_specimen(specimen_dir: Path, specimen_id: str, *,
     records = [json.loads((slides_dir / sid / "slide.json").read_text()) for sid in slide_ids]
     usable = [r for r in records if r["status"] in ("ok", "ok_empty")]
     tile_areas = [_stored_areas(slides_dir / r["slide_id"], r) for r in usable]
-    specimen = specimen_areas(tile_areas)
     model = next((r["model"] for r in records), {})
+    specimen = specimen_areas(tile_areas, validation_error=model.get("validation_error"))
     failed = [r for r in records if r["status"] == "failed"]
     status = "failed" if not usable else ("partial" if failed else "ok")
     qc_cfg = QcConfig(**records[0]["config"]["qc"]) if records and "qc" in records[0].get("config", {}) else QcConfig()
@@ -354,7 +354,7 @@ def _stored_areas(slide_dir: Path, record: Mapping[str, Any]) -> SlideAreas:
                                       cell_area)
     stored = read_tile_store(slide_dir / "tiles.zarr")
     return slide_areas_from_tiles(stored.predictions.probs, stored.predictions.class_names, stored.tissue_fraction,
-                                  cell_area)
+                                  cell_area, stored.cols_rows)
 
 
 def run_specimen(paths: Sequence[str | Path], specimen_id: str, out_dir: Path, classifier: Any, cfg: Config, *,
