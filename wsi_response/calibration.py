@@ -70,30 +70,41 @@ def reliability(probs: np.ndarray, labels: np.ndarray, n_bins: int = RELIABILITY
     return {"bins": bins, "ece": float(ece)}
 
 
-def validation_error(labels: np.ndarray, predicted: np.ndarray, n_slides: int) -> dict[str, Any]:
-    """The checkpoint's ``validation_error`` block: confusion counts, tiles per true class, slides."""
+def validation_error(labels: np.ndarray, predicted: np.ndarray, slide_index: np.ndarray) -> dict[str, Any]:
+    """The checkpoint's ``validation_error`` block: confusion counts (all tiles, and per validation
+    slide in ``slide_index`` order, for the between-slide spread of the error), tiles per true class,
+    number of slides."""
     c = len(CLASSES)
-    confusion = np.zeros((c, c), np.int64)
-    np.add.at(confusion, (labels, predicted), 1)
+
+    def confusion(sel: np.ndarray) -> np.ndarray:
+        counts = np.zeros((c, c), np.int64)
+        np.add.at(counts, (labels[sel], predicted[sel]), 1)
+        return counts
+
+    total = confusion(np.ones(len(labels), bool))
+    slides = np.unique(slide_index)
     return {
-        "confusion_matrix": confusion.tolist(),
-        "n_per_class": {name: int(n) for name, n in zip(CLASSES, confusion.sum(axis=1))},
-        "n_tiles": int(confusion.sum()),
-        "n_slides": int(n_slides),
+        "confusion_matrix": total.tolist(),
+        "n_per_class": {name: int(n) for name, n in zip(CLASSES, total.sum(axis=1))},
+        "n_tiles": int(total.sum()),
+        "n_slides": int(len(slides)),
+        "per_slide": [confusion(slide_index == s).tolist() for s in slides],
         "axes": "rows: true class, columns: predicted class, order: " + ", ".join(CLASSES),
     }
 
 
-def calibrate(logits: np.ndarray, labels: np.ndarray, n_slides: int) -> tuple[float, dict[str, Any], dict[str, Any]]:
-    """Fit the temperature on validation ``logits`` (n, C) and ``labels`` (n,) from ``n_slides``
-    held-out slides: ``(temperature, validation_error block, calibration report)``; the report
+def calibrate(logits: np.ndarray, labels: np.ndarray,
+              slide_index: np.ndarray) -> tuple[float, dict[str, Any], dict[str, Any]]:
+    """Fit the temperature on validation ``logits`` (n, C) and ``labels`` (n,) of the held-out slides
+    ``slide_index`` (n,): ``(temperature, validation_error block, calibration report)``; the report
     holds the reliability bins, ECE and NLL before (T = 1) and after."""
     temperature = fit_temperature(logits, labels)
+    block = validation_error(labels, np.asarray(logits).argmax(axis=1), slide_index)
     report: dict[str, Any] = {"method": "temperature scaling, minimum validation NLL", "temperature": temperature,
-                              "n_tiles": int(len(labels)), "n_slides": int(n_slides)}
+                              "n_tiles": int(len(labels)), "n_slides": block["n_slides"]}
     for key, t in (("before", 1.0), ("after", temperature)):
         report[key] = {**reliability(softmax(logits, t), labels), "nll": _nll(logits, labels, t)}
-    return temperature, validation_error(labels, np.asarray(logits).argmax(axis=1), n_slides), report
+    return temperature, block, report
 
 
 def reliability_png(report: dict[str, Any], size_px: int = 360) -> bytes:

@@ -1,8 +1,17 @@
 """The classifier's validated error, propagated into the specimen viable % (method in :mod:`quantify`).
 
 Inputs: the validation confusion counts ``M[t, k]`` (tiles of true class t predicted k, on
-held-out slides; :mod:`wsi_response.calibration`), and the specimen's tiles grouped by spatial
-block (squares of ``BLOCK_MM``) and predicted class. Units: areas in mm², percentages 0–100.
+held-out slides; :mod:`wsi_response.calibration`), with the same counts per validation slide, and
+the specimen's tiles grouped by spatial block (squares of ``BLOCK_MM``) and predicted class.
+Units: areas in mm², percentages 0–100.
+
+Between-slide spread (:func:`slide_concentration`): a slide's error rates differ from the pooled
+ones (its own stain, textures, tumor). The intraclass correlation rho of "tile classified right"
+within validation slides is estimated per true class by one-way ANOVA over the per-slide counts
+(slides with >= ``MIN_SLIDE_TILES`` tiles of the class; classes with >= 2 such slides), averaged
+weighted by tiles, and kept in [``RHO_MIN``, ``RHO_MAX``]; where no class has 2 such slides it is
+``RHO_DEFAULT``. A specimen's rates are then Dirichlet(tau × the rates) per
+true class, tau = 1 / rho - 1.
 """
 from __future__ import annotations
 
@@ -13,11 +22,14 @@ import numpy as np
 from .classes import CLASSES, TUMOR_BED
 
 __all__ = ["PRIOR", "BLOCK_MM", "BLOCK_CONCENTRATION", "METHOD_VALIDATED", "METHOD_TILE_PROBABILITIES",
-           "confusion_counts", "block_ids", "true_shares", "corrected_areas", "confusion_draws"]
+           "RHO_DEFAULT", "confusion_counts", "slide_concentration", "block_ids", "true_shares", "corrected_areas", "confusion_draws"]
 
 PRIOR = 0.5                 # Dirichlet pseudo-count per confusion cell (Jeffreys prior)
 BLOCK_MM = 1.0              # side of the square blocks whose tiles share one error mix, mm
 BLOCK_CONCENTRATION = 10.0  # κ: a block's mix of true classes ~ Dirichlet(κ × the specimen's mix)
+RHO_MIN, RHO_MAX = 0.01, 0.5  # bounds of the between-slide correlation of errors
+RHO_DEFAULT = 0.1           # used when it cannot be estimated (< 2 validation slides per class)
+MIN_SLIDE_TILES = 10        # a slide's tiles of a class count towards rho from this many
 EM_MAX_ITERATIONS = 2000    # (accelerated) EM of the true shares stops after this many steps or a
 EM_TOLERANCE = 1e-10        # change below this
 METHOD_VALIDATED = "validated_confusion"
@@ -31,6 +43,28 @@ def confusion_counts(validation_error: Mapping[str, Any]) -> np.ndarray:
     """The ``(C, C)`` float64 confusion counts (rows true, columns predicted) of a checkpoint's
     ``validation_error`` block."""
     return np.asarray(validation_error["confusion_matrix"], np.float64)
+
+
+def slide_concentration(validation_error: Mapping[str, Any]) -> float:
+    """tau of the between-slide spread of the error rates (see the module docstring)."""
+    rhos, weights = [], []
+    per_slide = np.asarray(validation_error.get("per_slide", []), np.float64)
+    for t in range(per_slide.shape[1] if per_slide.ndim == 3 else 0):
+        n = per_slide[:, t, :].sum(axis=1)
+        kept = n >= MIN_SLIDE_TILES
+        right, n = per_slide[kept, t, t], n[kept]
+        k, total = len(n), float(n.sum())
+        if k < 2:
+            continue
+        p_slide, p = right / n, float(right.sum()) / total
+        between = float((n * (p_slide - p) ** 2).sum()) / (k - 1)
+        within = float((n * p_slide * (1 - p_slide)).sum()) / (total - k)
+        n0 = (total - float((n * n).sum()) / total) / (k - 1)
+        if between + (n0 - 1) * within > 0:
+            rhos.append((between - within) / (between + (n0 - 1) * within))
+            weights.append(total)
+    rho = float(np.clip(np.average(rhos, weights=weights), RHO_MIN, RHO_MAX)) if rhos else RHO_DEFAULT
+    return 1.0 / rho - 1.0
 
 
 def block_ids(cols_rows: np.ndarray, cell_area_mm2: float) -> np.ndarray:
@@ -88,9 +122,10 @@ def corrected_areas(predicted_areas_mm2: np.ndarray, counts: np.ndarray) -> np.n
 
 
 def confusion_draws(tile_sets: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], counts: np.ndarray,
-                    seed: int = 0, draws: int = 1000) -> np.ndarray:
+                    slide_tau: float, seed: int = 0, draws: int = 1000) -> np.ndarray:
     """``draws`` seeded draws (float64) of the TRUE viable % of the bed given the validated confusion
-    ``counts`` (steps 1-4 in :mod:`quantify`); NaN where a draw's bed is empty.
+    ``counts`` and the between-slide concentration ``slide_tau`` (:func:`slide_concentration`;
+    steps 1-4 in :mod:`quantify`); NaN where a draw's bed is empty.
 
     ``tile_sets``: per slide ``(predicted class (N,), tissue area mm² (N,), block id (N,))``.
     """
@@ -108,6 +143,8 @@ def confusion_draws(tile_sets: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray
         d = min(step, draws - start)
         rates = rng.standard_gamma(np.broadcast_to(counts + PRIOR, (d, c, c)))
         rates /= rates.sum(axis=2, keepdims=True)                           # P(pred k | true t), (d, t, k)
+        rates = rng.standard_gamma(slide_tau * rates)                       # this specimen's rates
+        rates /= rates.sum(axis=2, keepdims=True)
         shares = true_shares(predicted_shares, rates)                       # (d, t)
         joint = rates * shares[:, :, None]
         given_pred = np.swapaxes(joint / np.maximum(joint.sum(axis=1, keepdims=True), 1e-300), 1, 2)  # (d, k, t)

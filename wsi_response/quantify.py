@@ -18,6 +18,9 @@ measured ``viable_percent``. Each of ``CI_DRAWS`` seeded draws of the specimen:
 
 1. draws the classifier's rates ``P(pred k | true t)`` from their posterior: each row
    Dirichlet(validation counts + 0.5), so a class with few validation tiles gets wide rates;
+   then this specimen's rates around them, each row Dirichlet(tau × rates), tau from the
+   spread of the error between validation slides (``model_error.slide_concentration``): a new
+   slide's error differs from the pooled validation error as much as validation slides differ;
 2. estimates the specimen's true class mix from its predicted areas under those rates (EM of the
    mixture weights), so a specimen's mix may differ from the validation's (a 0 % specimen is not
    credited with the validation's viable tumor), and from it ``P(true t | pred k)``;
@@ -28,7 +31,10 @@ measured ``viable_percent``. Each of ``CI_DRAWS`` seeded draws of the specimen:
    ``sqrt(rate (1 - rate))``: rates of 5 % vary between blocks from about 0 to 20 %);
 4. draws each group's tiles' true classes from that mix (multinomial over its tiles, each counted
    with the group's mean tissue area): the per-tile sampling, with validated probabilities in
-   place of the model's own.
+   place of the model's own;
+5. adds the spread of the tile-probability draws below (each draw minus their mean), so the
+   interval is never narrower than the model's own stated uncertainty (ambiguous tiles of a small
+   bed). Steps 4 and 5 both sample tiles: a deliberate, conservative double count.
 
 The 2.5th and 97.5th percentiles of ``100 × V / B`` over the draws form the interval.
 ``viable_percent_corrected`` is step 2 with the posterior-mean rates: the misclassification-
@@ -76,7 +82,7 @@ import numpy as np
 
 from .classes import CLASSES, TUMOR_BED
 from .model_error import (METHOD_TILE_PROBABILITIES, METHOD_VALIDATED, block_ids, confusion_counts,
-                          confusion_draws, corrected_areas)
+                          confusion_draws, corrected_areas, slide_concentration)
 from .store import TilePredictions
 from .tiling import TileGrid
 
@@ -230,7 +236,8 @@ def specimen_areas(slides: Sequence[SlideAreas], seed: int = 0, draws: int = CI_
         counts = confusion_counts(validation_error)
         if viable is not None:
             validated = confusion_draws([(np.argmax(s.tile_probs, axis=1), s.tile_weights_mm2, s.tile_blocks)
-                                         for s in slides], counts, seed + 1, draws)
+                                         for s in slides], counts, slide_concentration(validation_error),
+                                        seed + 1, draws)
             spread = viable_percent_draws(tile_probs, seed, draws)
             if not np.isnan(spread).all():
                 validated = validated + (spread - np.nanmean(spread))

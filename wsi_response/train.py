@@ -418,7 +418,7 @@ def train_classifier(slides: Sequence[str | os.PathLike], annotations: Sequence[
     if len(val.labels):
         val_logits = predict_logits(clf, val.tiles, dev)
         metrics["val"] = classification_metrics(val.labels, val_logits.argmax(axis=1))
-        temperature, validation, calibration = calibrate(val_logits, val.labels, len(val_ids))
+        temperature, validation, calibration = calibrate(val_logits, val.labels, val.slide_index)
         clf = Classifier(**{**clf.__dict__, "temperature": temperature, "validation_error": validation})
     synthetic = all(_is_synthetic(p) for p, _ in pairs)
     clf = Classifier(**{**clf.__dict__, "trained_on": {
