@@ -102,3 +102,27 @@ def test_bundled_demo_model_loads_and_fits_the_default_config():
     clf = load_classifier(default_model_path(), TilingConfig())
     assert clf.class_names == CLASSES and clf.trained_on["synthetic"] is True
     assert default_model_path().stat().st_size < 50e6
+
+
+def test_calibration_and_validation_error_round_trip(tmp_path):
+    from dataclasses import replace
+
+    block = {"confusion_matrix": [[9, 1, 0, 0], [0, 8, 2, 0], [0, 0, 10, 0], [1, 0, 0, 9]],
+             "n_per_class": {"viable_tumor": 10, "necrosis": 10, "fibrosis": 10, "other": 10},
+             "n_tiles": 40, "n_slides": 2, "axes": "rows: true class"}
+    clf = replace(_tiny(), temperature=1.7, validation_error=block)
+    save_classifier(clf, tmp_path / "m.safetensors")
+    loaded = load_classifier(tmp_path / "m.safetensors")
+    assert loaded.temperature == 1.7 and loaded.validation_error == block
+    assert loaded.describe()["temperature"] == 1.7 and loaded.describe()["validation_error"] == block
+    logits = torch.tensor([[2.0, 0.0, 0.0, 0.0]])
+    assert torch.allclose(loaded.probabilities(logits), torch.softmax(logits / 1.7, dim=1))
+    plain = _tiny()
+    save_classifier(plain, tmp_path / "p.safetensors")
+    assert load_classifier(tmp_path / "p.safetensors").describe()["validation_error"] is None
+    for bad, message in ((replace(clf, temperature=-1.0), "temperature -1.0 is not a positive number"),
+                         (replace(clf, validation_error={"confusion_matrix": [[1, 2], [3, 4]]}),
+                          r"lacks or garbles validation_error.confusion_matrix \(need 4x4 counts\)")):
+        save_classifier(bad, tmp_path / "bad.safetensors")
+        with pytest.raises(ModelError, match=message):
+            load_classifier(tmp_path / "bad.safetensors")

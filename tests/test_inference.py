@@ -125,3 +125,18 @@ def test_a_failed_read_keeps_the_finished_chunks(setup, tmp_path, monkeypatch):
     full = predict(slide, grid, clf, num_workers=0, device="cpu")
     rows = np.repeat(done, np.diff(grid.chunk_starts))
     np.testing.assert_allclose(np.asarray(partial["probs"][:])[rows], full.probs[rows], atol=1e-5)
+
+
+def test_the_stored_probabilities_are_calibrated_by_the_model_temperature(setup, tmp_path):
+    from dataclasses import replace
+
+    _, slide, grid, clf = setup
+    plain = predict(slide, grid, clf, num_workers=0, device="cpu", store=tmp_path / "t1.zarr")
+    hot = replace(clf, temperature=2.0, sha256="another-model")  # another model: its own store
+    predict(slide, grid, hot, num_workers=0, device="cpu", store=tmp_path / "t2.zarr")
+    stored = read_tile_store(tmp_path / "t2.zarr").predictions.probs
+    # softmax(z / 2) is the square root of softmax(z), renormalised
+    expected = np.sqrt(plain.probs) / np.sqrt(plain.probs).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(stored, expected, atol=1e-5)
+    assert np.abs(stored - plain.probs).max() > 0.05
+    assert np.array_equal(stored.argmax(axis=1), plain.probs.argmax(axis=1))

@@ -179,3 +179,23 @@ def test_artefacts_are_excluded_counted_and_drawn(demo_classifier, tmp_path):
     flags = {f["code"] for f in record["qc"]["flags"]}
     assert {"artefact_pen", "artefact_blur"} <= flags and record["qc"]["verdict"] != "reportable"
     assert result["qc"]["verdict"] in ("reportable_with_caveats", "not_reportable")
+
+
+def test_aggregate_with_a_validated_model(specimen_run, tmp_path):
+    specimen_dir, result = specimen_run
+    assert result["viable_percent_ci95_method"] == "tile_probabilities_only"
+    assert "model_error_unknown" in [f["code"] for f in result["qc"]["flags"]]
+    copy = tmp_path / "S-TEST"
+    shutil.copytree(specimen_dir, copy)
+    counts = [[95, 2, 2, 1], [3, 90, 5, 2], [4, 2, 92, 2], [1, 1, 3, 95]]
+    for path in copy.glob("slides/*/slide.json"):
+        record = json.loads(path.read_text())
+        record["model"]["validation_error"] = {"confusion_matrix": counts}
+        path.write_text(json.dumps(record))
+    validated = aggregate_specimen(copy, "S-TEST")
+    assert validated["viable_percent_ci95_method"] == "validated_confusion"
+    assert validated["viable_percent"] == result["viable_percent"]
+    assert validated["viable_percent_corrected"] is not None
+    assert "model_error_unknown" not in [f["code"] for f in validated["qc"]["flags"]]
+    (lo, hi), (plo, phi) = validated["viable_percent_ci95"], result["viable_percent_ci95"]
+    assert hi - lo > phi - plo  # the validated error widens the interval

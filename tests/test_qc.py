@@ -71,7 +71,7 @@ def _slides(n_ok: int, n_failed: int) -> list[dict]:
 
 
 SPECIMEN = {"tissue_area_mm2": 1000.0, "tumor_bed_area_mm2": 500.0}
-REAL_MODEL = {"trained_on": "institutional cohort"}
+REAL_MODEL = {"trained_on": "institutional cohort", "validation_error": {"confusion_matrix": [[9, 1], [0, 10]]}}
 
 
 def test_specimen_with_one_failed_slide_of_twelve_is_a_caveat():
@@ -100,7 +100,8 @@ def test_specimen_with_too_many_failed_slides_or_none_is_not_reportable():
 def test_specimen_caveats_demo_model_and_small_bed():
     clean = specimen_qc(_slides(3, 0), SPECIMEN, REAL_MODEL, CFG)
     assert clean == {"flags": [], "verdict": "reportable", "reportable": True}
-    demo = specimen_qc(_slides(3, 0), SPECIMEN, {"trained_on": "synthetic slides (wsi_response.synth)"}, CFG)
+    demo = specimen_qc(_slides(3, 0), SPECIMEN, {**REAL_MODEL, "trained_on": "synthetic slides (wsi_response.synth)"},
+                       CFG)
     assert demo["verdict"] == "reportable_with_caveats"
     assert demo["flags"][0]["message"] == ("demonstration model trained on synthetic slides; "
                                            "not for clinical use")
@@ -108,3 +109,12 @@ def test_specimen_caveats_demo_model_and_small_bed():
     assert codes(small) == ["small_tumor_bed"]
     empty = specimen_qc(_slides(3, 0), {"tissue_area_mm2": 0.0, "tumor_bed_area_mm2": 0.0}, REAL_MODEL, CFG)
     assert empty["verdict"] == "not_reportable" and codes(empty) == ["no_tissue"]
+
+
+def test_model_without_validation_gets_an_error_unknown_caveat():
+    result = specimen_qc(_slides(3, 0), SPECIMEN, {"trained_on": "institutional cohort"}, CFG)
+    assert result["verdict"] == "reportable_with_caveats"
+    assert result["flags"] == [{
+        "code": "model_error_unknown", "severity": "caveat", "value": None,
+        "message": "model error unknown: no validation confusion matrix in the model (trained without held-out "
+                   "slides); the 95 % interval covers only its own tile probabilities"}]

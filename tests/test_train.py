@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import shapely
 
+from wsi_response.classifier import load_classifier
 from wsi_response.cli import main
 from wsi_response.config import load_config
 from wsi_response.errors import ConfigError
@@ -94,6 +95,17 @@ def test_training_is_deterministic_and_validates_on_held_out_slides(specimen, tm
     report = json.loads((tmp_path / "a.safetensors.report.json").read_text())
     assert report["sha256"] == hashlib.sha256((tmp_path / "a.safetensors").read_bytes()).hexdigest()
     # validation tiles come only from the held-out slide
+    # calibration on the validation tiles: temperature, confusion counts, reliability bins and diagram
+    block = a.classifier.validation_error
+    assert block["n_slides"] == 1 and block["n_tiles"] == val["n_tiles"]
+    assert block["confusion_matrix"] == val["confusion_matrix"]
+    calibration = report["calibration"]
+    assert calibration["temperature"] == a.classifier.temperature > 0
+    assert calibration["after"]["nll"] <= calibration["before"]["nll"]
+    assert sum(b["n"] for b in calibration["before"]["bins"]) == val["n_tiles"]
+    assert (tmp_path / report["reliability_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    loaded = load_classifier(tmp_path / "a.safetensors")
+    assert loaded.temperature == a.classifier.temperature and loaded.validation_error == block
     data = load_tileset(list(zip(slides, anns)), cfg)
     val_index = trained_on["train_slides"] and [i for i, n in enumerate(data.slide_names) if n in trained_on["val_slides"]]
     assert data.subset(np.array(val_index)).class_counts() == trained_on["val_tiles_per_class"]
@@ -107,6 +119,8 @@ def test_cli_train_on_partial_annotations(specimen, tmp_path, capsys):
                "--out", str(out), "--val-split", "0", "--device", "cpu", "--quiet", *TINY,
                "training.sample_stride_um=8"])
     assert rc == 0 and out.is_file() and out.with_name("m.safetensors.report.json").is_file()
+    no_val = load_classifier(out)  # no held-out slides: no temperature, error unknown
+    assert no_val.temperature == 1.0 and no_val.validation_error is None
     assert "model " in capsys.readouterr().out
     rc = main(["train", "--slides", str(s[0].slide_path), "--annotations", str(s[0].annotations_path),
                "--out", str(out), "--device", "cpu", "--quiet", *TINY, "training.val_split=0.5"])

@@ -4,7 +4,10 @@ Checkpoint format (``FORMAT``): a safetensors file whose tensors are the model's
 whose string metadata key ``"wsi_response"`` holds JSON::
 
     format, arch, class_names, target_mpp (µm/px), tile_px, mean, std (input normalisation of
-    RGB in [0, 1]), weights_dtype, trained_on {...}, metrics {...}, software_version
+    RGB in [0, 1]), weights_dtype, trained_on {...}, metrics {...}, software_version,
+    temperature (probabilities are softmax(logits / temperature); absent: 1),
+    validation_error {confusion_matrix, n_per_class, n_tiles, n_slides, axes} or absent
+    (:mod:`wsi_response.calibration`; no validation: the model's error is unknown)
 
 safetensors never executes code on load (no pickle). A checkpoint whose metadata has a wrong
 type or a value that is not finite (or a std that is not positive), or whose weights hold NaN or
@@ -46,7 +49,6 @@ __all__ = [
     "default_model_path",
     "with_provenance",
     "to_unit_float",
-    "tiles_to_numpy_probs",
 ]
 
 FORMAT = "wsi-response-classifier/1"
@@ -70,6 +72,8 @@ class Classifier:
     trained_on: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
     software_version: str = __version__
+    temperature: float = 1.0           # probabilities = softmax(logits / temperature)
+    validation_error: Mapping[str, Any] | None = None  # confusion on held-out slides, or None
     path: Path | None = None           # file it was loaded from
     sha256: str | None = None          # of that file
 
@@ -87,6 +91,8 @@ class Classifier:
             "trained_on": dict(self.trained_on),
             "metrics": dict(self.metrics),
             "software_version": self.software_version,
+            "temperature": self.temperature,
+            "validation_error": None if self.validation_error is None else dict(self.validation_error),
         }
 
     def describe(self) -> dict[str, Any]:
@@ -99,7 +105,13 @@ class Classifier:
             "target_mpp": self.target_mpp,
             "tile_px": self.tile_px,
             "trained_on": dict(self.trained_on),
+            "temperature": self.temperature,
+            "validation_error": None if self.validation_error is None else dict(self.validation_error),
         }
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated class probabilities ``softmax(logits / temperature)``, float32 ``(n, C)``."""
+        return torch.softmax(logits.float() / self.temperature, dim=1)
 
     def check_compatible(self, tiling: TilingConfig) -> None:
         """Raise ``ModelError`` naming every tiling field whose run value differs from the model's."""
@@ -210,6 +222,13 @@ def load_classifier(path: str | os.PathLike, tiling: TilingConfig | None = None)
     if class_names != CLASSES:
         raise ModelError(path, f"model classes {list(class_names)} differ from {list(CLASSES)}")
     try:
+        temperature = float(meta.get("temperature", 1.0))
+        validation = _validation_error(meta.get("validation_error"), len(class_names))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(path, f"checkpoint metadata lacks or garbles {exc}") from None
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ModelError(path, f"checkpoint metadata: temperature {temperature!r} is not a positive number")
+    try:
         model = build_model(arch, len(class_names))
     except ConfigError as exc:
         raise ModelError(path, str(exc)) from None
@@ -228,7 +247,8 @@ def load_classifier(path: str | os.PathLike, tiling: TilingConfig | None = None)
     model.eval()
     clf = Classifier(model=model, arch=arch, class_names=class_names, target_mpp=target_mpp, tile_px=tile_px,
                      mean=mean, std=std, trained_on=meta["trained_on"], metrics=meta["metrics"],
-                     software_version=meta["software_version"], path=path,
+                     software_version=meta["software_version"], temperature=temperature,
+                     validation_error=validation, path=path,
                      sha256=hashlib.sha256(data).hexdigest())
     if tiling is not None:
         clf.check_compatible(tiling)
@@ -299,6 +319,17 @@ def _read_metadata(path: Path, data: bytes) -> dict[str, Any]:
     return meta
 
 
+def _validation_error(block: Any, n_classes: int) -> dict[str, Any] | None:
+    """The checkpoint's ``validation_error`` block, its confusion matrix checked to be
+    ``n_classes`` × ``n_classes`` non-negative integer counts (ValueError otherwise)."""
+    if block is None:
+        return None
+    counts = np.asarray(block["confusion_matrix"])
+    if counts.shape != (n_classes, n_classes) or not np.issubdtype(counts.dtype, np.integer) or (counts < 0).any():
+        raise ValueError(f"validation_error.confusion_matrix (need {n_classes}x{n_classes} counts)")
+    return dict(block)
+
+
 def with_provenance(classifier: Classifier, path: Path, sha256: str) -> Classifier:
     """``classifier`` as saved at ``path`` with file hash ``sha256``."""
     return replace(classifier, path=path, sha256=sha256)
@@ -313,7 +344,3 @@ def to_unit_float(tiles: torch.Tensor) -> torch.Tensor:
     """uint8 ``(n, h, w, 3)`` tiles -> float32 ``(n, 3, h, w)`` RGB in [0, 1] (same device)."""
     return tiles.permute(0, 3, 1, 2).float().div_(255.0)
 
-
-def tiles_to_numpy_probs(logits: torch.Tensor) -> np.ndarray:
-    """Softmax of ``logits`` as float32 numpy ``(n, C)``."""
-    return torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float32, copy=False)

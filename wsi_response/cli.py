@@ -239,7 +239,9 @@ def _print_specimen(result: dict, out: Path, as_json: bool) -> None:
     viable = result["viable_percent"]
     ci = result["viable_percent_ci95"]
     tier = (result.get("eortc") or {}).get("tier")
-    headline = (f"viable tumor {viable:.1f} % of the tumor bed (95 % interval {ci[0]:.1f}–{ci[1]:.1f} %), "
+    corrected = result.get("viable_percent_corrected")
+    validated = f"; corrected for the validated error {corrected:.1f} %" if corrected is not None else ""
+    headline = (f"viable tumor {viable:.1f} % of the tumor bed (95 % interval {ci[0]:.1f}–{ci[1]:.1f} %{validated}), "
                 f"EORTC-STBSG {tier}" if viable is not None else "no tumor bed found")
     print(f"specimen {result['specimen_id']} [{result['status']}]: {headline}")
     print(f"  QC verdict: {result['qc']['verdict']}")

@@ -179,14 +179,14 @@ class ModelRunner:
         with torch.inference_mode():
             x = self.classifier.normalise(to_unit_float(tiles))
             if self.device.type != "cuda":
-                probs = torch.softmax(self.model(x), dim=-1)
+                probs = self.classifier.probabilities(self.model(x))  # calibrated: softmax(logits / T)
                 return lambda: probs.numpy()
             x = x.contiguous(memory_format=torch.channels_last)
             if self.compiled is not None and n < self.batch_size:
                 x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
             with torch.autocast(device_type="cuda", dtype=self.amp, enabled=self.amp is not None):
                 logits = self._forward(x)[:n]
-            probs = torch.softmax(logits.float(), dim=-1)
+            probs = self.classifier.probabilities(logits.float())
             host = torch.empty(probs.shape, dtype=torch.float32, pin_memory=True)
             host.copy_(probs, non_blocking=True)
             done = torch.cuda.Event()

@@ -330,8 +330,8 @@ def _aggregate_locked(specimen_dir: Path, specimen_id: str, slide_ids: Sequence[
             except TileStoreError as exc:  # not done either for run and batch (damaged_store): they redo it
                 records[i] = _store_failed(r, exc)
     usable = [r for r in records if r["status"] in ("ok", "ok_empty")]
-    specimen = specimen_areas(tile_areas)
     model = next((r["model"] for r in records), {})
+    specimen = specimen_areas(tile_areas, validation_error=model.get("validation_error"))
     failed = [r for r in records if r["status"] == "failed"]
     status = "failed" if not usable else ("partial" if failed else "ok")
     qc_cfg = QcConfig(**records[0]["config"]["qc"]) if records and "qc" in records[0].get("config", {}) else QcConfig()
@@ -397,7 +397,8 @@ def _stored_areas(slide_dir: Path, record: Mapping[str, Any]) -> SlideAreas:
                                       cell_area)
     stored = read_tile_store(slide_dir / "tiles.zarr")
     return slide_areas_from_tiles(stored.predictions.probs, stored.predictions.class_names, stored.tissue_fraction,
-                                  cell_area, stored.predictions.subcell_probs, stored.subcell_tissue_fraction)
+                                  cell_area, stored.predictions.subcell_probs, stored.subcell_tissue_fraction,
+                                  cols_rows=stored.cols_rows)
 
 
 def _area_cells(grid: TileGrid, predictions: TilePredictions) -> tuple[TileGrid, np.ndarray]:

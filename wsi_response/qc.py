@@ -51,7 +51,8 @@ def specimen_qc(slide_records: Sequence[Mapping[str, Any]], specimen: Mapping[st
                 model: Mapping[str, Any], cfg: QcConfig = QcConfig()) -> dict[str, Any]:
     """Flags and verdict of a specimen from its slides' records (each with ``slide_id``,
     ``status`` and ``qc``, the :func:`slide_qc` result), the specimen's areas
-    (``tissue_area_mm2``, ``tumor_bed_area_mm2``, mm²) and the model (``trained_on``)."""
+    (``tissue_area_mm2``, ``tumor_bed_area_mm2``, mm²) and the model (``trained_on``,
+    ``validation_error``: a model without it gets the caveat ``model_error_unknown``)."""
     flags: list[dict[str, Any]] = []
     n = len(slide_records)
     failed = [r for r in slide_records if r.get("status", "ok") == "failed"]
@@ -77,6 +78,10 @@ def specimen_qc(slide_records: Sequence[Mapping[str, Any]], specimen: Mapping[st
     if "synthetic" in str(model.get("trained_on", "")).lower():
         flags.append(_flag("demo_model", "caveat",
                            "demonstration model trained on synthetic slides; not for clinical use", None))
+    if model.get("validation_error") is None:
+        flags.append(_flag("model_error_unknown", "caveat",
+                           "model error unknown: no validation confusion matrix in the model (trained without "
+                           "held-out slides); the 95 % interval covers only its own tile probabilities", None))
     return _result(flags)
 
 

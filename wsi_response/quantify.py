@@ -19,27 +19,64 @@ viable_tumor + necrosis + fibrosis; percentages are of the bed, ``None`` when th
 A specimen sums the areas of all its slides and takes the percentages of the summed bed (never
 an average of slide percentages).
 
-Interval (``viable_percent_ci95``). Each tile's true class is treated as an independent
-categorical draw from its probability vector, weighted by its tissue area
-(``tissue_fraction * cell_area_mm2``). One draw of every tile of every slide gives a viable
-area V and a bed area B; ``CI_DRAWS`` (1000) such draws (seeded, so the interval is reproducible) give the
-2.5th and 97.5th percentiles of ``100 * V / B`` (draws with an empty bed are left out). Draws
-are made in blocks of tiles, slide by slide, so memory stays at a few tens of MB whatever the
-specimen size; time grows with tiles × draws (about 3 s per 100,000 tiles on 2 CPU cores).
+Interval (``viable_percent_ci95``) and its method (``viable_percent_ci95_method``).
 
-The interval describes only the classifier's own stated uncertainty, and only as far as its
-probabilities are calibrated. It does NOT cover:
+*With a validated model* (its checkpoint carries the confusion counts of held-out validation
+slides, :mod:`wsi_response.calibration`): method ``"validated_confusion"``
+(:mod:`wsi_response.model_error`). The interval is for the TRUE viable % of the bed given the
+classifier's validated error; it brackets ``viable_percent_corrected`` and need not contain the
+measured ``viable_percent``. Each of ``CI_DRAWS`` seeded draws of the specimen:
 
-- spatial correlation of errors (neighbouring tiles tend to be wrong together; independent draws
-  average such errors away, so the interval is too narrow for large beds),
-- systematic model bias or domain shift (staining, scanner, a tumor subtype unlike training),
+1. draws the classifier's rates ``P(pred k | true t)`` from their posterior: each row
+   Dirichlet(validation counts + 0.5), so a class with few validation tiles gets wide rates;
+   then this specimen's rates around them, each row Dirichlet(tau × rates), tau from the
+   spread of the error between validation slides (``model_error.slide_concentration``): a new
+   slide's error differs from the pooled validation error as much as validation slides differ;
+2. estimates the specimen's true class mix from its predicted areas under those rates (EM of the
+   mixture weights), so a specimen's mix may differ from the validation's (a 0 % specimen is not
+   credited with the validation's viable tumor), and from it ``P(true t | pred k)``;
+3. groups the tiles by slide, spatial block (squares of ``BLOCK_MM`` = 1 mm) and predicted class,
+   and draws each group's mix of true classes once, Dirichlet(``BLOCK_CONCENTRATION`` (10) ×
+   ``P(true | pred)``): neighbouring tiles are wrong together, so errors do not average away
+   within a block (a block's error rate has a standard deviation of about 1/3.3 of its
+   ``sqrt(rate (1 - rate))``: rates of 5 % vary between blocks from about 0 to 20 %);
+4. draws each group's tiles' true classes from that mix (multinomial over its tiles, each counted
+   with the group's mean tissue area): the per-tile sampling, with validated probabilities in
+   place of the model's own;
+5. adds the spread of the tile-probability draws below (each draw minus their mean), so the
+   interval is never narrower than the model's own stated uncertainty (ambiguous tiles of a small
+   bed). Steps 4 and 5 both sample tiles: a deliberate, conservative double count.
+
+The 2.5th and 97.5th percentiles of ``100 × V / B`` over the draws form the interval.
+``viable_percent_corrected`` is step 2 with the posterior-mean rates: the misclassification-
+corrected estimate (true areas = predicted areas × P(true | predicted), the latter for this
+specimen's mix). It is an extra number; ``viable_percent`` stays the measured areas, which equal
+the overlay polygons.
+
+*Without validation* (no confusion in the checkpoint, e.g. trained with ``--val-split 0``):
+method ``"tile_probabilities_only"`` and a QC caveat ``model_error_unknown``. Each tile's true
+class is treated as an independent categorical draw from its (calibrated, where a temperature was
+fitted) probability vector, weighted by its tissue area (``tissue_fraction * cell_area_mm2``).
+One draw of every tile of every slide gives a viable area V and a bed area B; ``CI_DRAWS`` such
+draws give the 2.5th and 97.5th percentiles of ``100 * V / B`` (draws with an empty bed are
+left out). Draws are made in blocks of tiles, slide by slide, so memory stays at a few tens of
+MB whatever the specimen size; time grows with tiles × draws (about 3 s per 100,000 tiles on 2
+CPU cores). This describes only the classifier's own stated uncertainty: it does not cover
+spatially correlated errors (too narrow for large beds) nor any validated error.
+
+Neither interval covers:
+
+- error the validation slides did not show: domain shift (stain, scanner, a tumor subtype or
+  tissue unlike the validation slides), and the validation tiles' own spatial correlation (the
+  counts are taken as independent tiles, so a few validation slides overstate what is known);
+- tiles mixing classes at region borders (validation tiles lie mostly inside one annotated
+  region; the grid's border error is not in the confusion matrix);
 - tissue-detection and tiling error, the area below ``min_tissue_fraction`` that is not counted,
 - sampling of the specimen: blocks that do not represent the whole tumor bed.
 
-No floor is put under the probabilities: mixing towards uniform widens the interval only by
-biasing it (a 0 % specimen would get an interval near 1 %), and it would not repair the
-correlated errors that dominate for large beds. Because the point estimate uses the argmax, the
-interval need not contain it when many tiles are ambiguous; ``near_cutoff`` therefore looks at
+No floor is put under the probabilities of the fallback: mixing towards uniform widens the
+interval only by biasing it (a 0 % specimen would get an interval near 1 %). Because the point
+estimate uses the argmax, the interval need not contain it; ``near_cutoff`` therefore looks at
 the point estimate as well as both ends of the interval.
 
 EORTC-STBSG score of the specimen viable %: A no viable tumor (viable area exactly 0),
@@ -50,11 +87,13 @@ interval (or the point estimate) lies on both sides of one of the cut-offs 0, 1,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .classes import CLASSES, TUMOR_BED
+from .model_error import (METHOD_TILE_PROBABILITIES, METHOD_VALIDATED, block_ids, confusion_counts,
+                          confusion_draws, corrected_areas, slide_concentration)
 from .store import TilePredictions
 from .tiling import TileGrid
 
@@ -66,6 +105,7 @@ __all__ = [
     "slide_areas_from_tiles",
     "specimen_areas",
     "viable_percent_ci95",
+    "viable_percent_draws",
     "eortc_tier",
     "EORTC_CUTOFFS_PERCENT",
     "CI_DRAWS",
@@ -127,6 +167,7 @@ class SlideAreas(_BedAreas):
 
     tile_probs: np.ndarray = field(repr=False)         # (N, len(CLASSES)) float32
     tile_weights_mm2: np.ndarray = field(repr=False)   # (N,) float64 tissue area, mm²
+    tile_blocks: np.ndarray = field(repr=False)        # (N,) int64 spatial block (model_error.BLOCK_MM)
 
 
 @dataclass(frozen=True)
@@ -148,12 +189,16 @@ class SpecimenAreas(_BedAreas):
     n_slides: int
     viable_percent_ci95: tuple[float, float] | None
     eortc: EortcScore
+    viable_percent_ci95_method: str = METHOD_TILE_PROBABILITIES
+    viable_percent_corrected: float | None = None  # misclassification-corrected; validated models only
 
     def to_dict(self) -> dict[str, Any]:
         """The area, interval and tier fields of specimen.json (DESIGN §5)."""
         out = super().to_dict()
         ci = self.viable_percent_ci95
         out["viable_percent_ci95"] = None if ci is None else [float(ci[0]), float(ci[1])]
+        out["viable_percent_ci95_method"] = self.viable_percent_ci95_method
+        out["viable_percent_corrected"] = self.viable_percent_corrected
         out["eortc"] = self.eortc.to_dict()
         return out
 
@@ -164,16 +209,20 @@ def slide_areas(grid: TileGrid, predictions: TilePredictions) -> SlideAreas:
         raise ValueError(f"{len(grid)} tiles in the grid but {len(predictions)} predictions")
     sub_fraction = None if grid.subcell_fraction is None else grid.subcell_fraction.reshape(len(grid), -1)
     return slide_areas_from_tiles(predictions.probs, predictions.class_names, grid.tissue_fraction,
-                                  grid.cell_area_mm2, predictions.subcell_probs, sub_fraction)
+                                  grid.cell_area_mm2, predictions.subcell_probs, sub_fraction,
+                                  cols_rows=grid.cols_rows)
 
 
 def slide_areas_from_tiles(probs: np.ndarray, class_names: Sequence[str], tissue_fraction: np.ndarray,
                            cell_area_mm2: float, subcell_probs: np.ndarray | None = None,
-                           subcell_fraction: np.ndarray | None = None) -> SlideAreas:
+                           subcell_fraction: np.ndarray | None = None, *,
+                           cols_rows: np.ndarray | None = None) -> SlideAreas:
     """Per-class areas (mm²) from stored tile arrays: probabilities (N, C) with their class ids,
     each tile's cell tissue fraction (N,), and the cell area (mm²). With sub-cells, the areas
     (and the tissue area) come from their probabilities ``(N, k*k, C)`` and tissue fractions
-    ``(N, k*k)`` instead, each sub-cell ``cell_area_mm2 / k²``; the interval's rows stay the tiles."""
+    ``(N, k*k)`` instead, each sub-cell ``cell_area_mm2 / k²``; the interval's rows stay the tiles.
+    ``cols_rows``: each tile's grid cell ``(column, row)`` (N, 2) for the interval's spatial blocks
+    (None: every tile its own block)."""
     probs = _canonical_probs(np.asarray(probs), tuple(class_names))
     weights_mm2 = np.asarray(tissue_fraction, np.float64) * cell_area_mm2
     if len(weights_mm2) != len(probs):
@@ -188,29 +237,61 @@ def slide_areas_from_tiles(probs: np.ndarray, class_names: Sequence[str], tissue
         labels = np.argmax(sub, axis=1)
         area_weights_mm2 = np.asarray(subcell_fraction, np.float64).reshape(-1) * (cell_area_mm2 / kk)
     areas = np.bincount(labels, weights=area_weights_mm2, minlength=len(CLASSES))
+    blocks = np.arange(len(probs), dtype=np.int64) if cols_rows is None else block_ids(cols_rows, cell_area_mm2)
     return SlideAreas(areas_mm2=areas.astype(np.float64), tissue_area_mm2=float(area_weights_mm2.sum()),
-                      tile_probs=probs, tile_weights_mm2=weights_mm2)
+                      tile_probs=probs, tile_weights_mm2=weights_mm2, tile_blocks=blocks)
 
 
-def specimen_areas(slides: Sequence[SlideAreas], seed: int = 0, draws: int = CI_DRAWS) -> SpecimenAreas:
-    """Sum of the slides' areas, percentages of the summed bed, its interval and EORTC tier."""
+def specimen_areas(slides: Sequence[SlideAreas], seed: int = 0, draws: int = CI_DRAWS,
+                   validation_error: Mapping[str, Any] | None = None) -> SpecimenAreas:
+    """Sum of the slides' areas, percentages of the summed bed, its interval and EORTC tier.
+
+    ``validation_error``: the model's block of validation confusion counts (the checkpoint's
+    ``validation_error``); None falls back to the tile-probability interval."""
     totals = _BedAreas(
         areas_mm2=np.sum([s.areas_mm2 for s in slides], axis=0) if slides else np.zeros(len(CLASSES)),
         tissue_area_mm2=float(sum(s.tissue_area_mm2 for s in slides)))
     viable = totals.viable_percent
-    ci = (viable_percent_ci95([(s.tile_probs, s.tile_weights_mm2) for s in slides], seed, draws)
-          if viable is not None else None)
+    corrected, ci = None, None
+    tile_probs = [(s.tile_probs, s.tile_weights_mm2) for s in slides]
+    if validation_error is None:
+        method = METHOD_TILE_PROBABILITIES
+        if viable is not None:
+            ci = viable_percent_ci95(tile_probs, seed, draws)
+    else:
+        method = METHOD_VALIDATED
+        counts = confusion_counts(validation_error)
+        if viable is not None:
+            validated = confusion_draws([(np.argmax(s.tile_probs, axis=1), s.tile_weights_mm2, s.tile_blocks)
+                                         for s in slides], counts, slide_concentration(validation_error),
+                                        seed + 1, draws)
+            spread = viable_percent_draws(tile_probs, seed, draws)
+            if not np.isnan(spread).all():
+                validated = validated + (spread - np.nanmean(spread))
+            ci = _ci95(validated)
+            true_areas = corrected_areas(totals.areas_mm2, counts)
+            bed = float(true_areas[_BED].sum())
+            corrected = 100.0 * float(true_areas[_VIABLE]) / bed if bed > 0 else None
     return SpecimenAreas(areas_mm2=totals.areas_mm2, tissue_area_mm2=totals.tissue_area_mm2,
-                         n_slides=len(slides), viable_percent_ci95=ci, eortc=eortc_tier(viable, ci))
+                         n_slides=len(slides), viable_percent_ci95=ci, eortc=eortc_tier(viable, ci),
+                         viable_percent_ci95_method=method, viable_percent_corrected=corrected)
 
 
 def viable_percent_ci95(tile_sets: Sequence[tuple[np.ndarray, np.ndarray]], seed: int = 0,
                         draws: int = CI_DRAWS) -> tuple[float, float] | None:
-    """95 % Monte Carlo interval of the viable % of the bed (see the module docstring).
+    """95 % Monte Carlo interval of the viable % of the bed from the tiles' own probabilities (see
+    the module docstring); None when every draw has an empty bed.
 
     ``tile_sets``: one ``(probs (N, len(CLASSES)), weights_mm2 (N,))`` pair per slide, classes in
-    :data:`CLASSES` order. None when every draw has an empty bed.
+    :data:`CLASSES` order.
     """
+    return _ci95(viable_percent_draws(tile_sets, seed, draws))
+
+
+def viable_percent_draws(tile_sets: Sequence[tuple[np.ndarray, np.ndarray]], seed: int = 0,
+                         draws: int = CI_DRAWS) -> np.ndarray:
+    """``draws`` seeded draws of the viable % with every tile's class drawn from its probabilities
+    (arguments as :func:`viable_percent_ci95`); NaN where a draw's bed is empty."""
     rng = np.random.default_rng(seed)
     viable = np.zeros(draws, np.float64)
     bed = np.zeros(draws, np.float64)
@@ -227,11 +308,15 @@ def viable_percent_ci95(tile_sets: Sequence[tuple[np.ndarray, np.ndarray]], seed
             for p, total in ((p_viable, viable), (p_bed, bed)):
                 np.less(u[:m], p[start:start + m, None], out=hit[:m])
                 total += w[start:start + m] @ hit[:m]
-    ok = bed > 0
-    if not ok.any():
+    return np.divide(100.0 * viable, bed, out=np.full(draws, np.nan), where=bed > 0)
+
+
+def _ci95(percent: np.ndarray) -> tuple[float, float] | None:
+    """2.5th and 97.5th percentiles of the draws (NaN left out, clipped to [0, 100]); None if none."""
+    ok = percent[~np.isnan(percent)]
+    if not len(ok):
         return None
-    percent = np.clip(100.0 * viable[ok] / bed[ok], 0.0, 100.0)  # V <= B per draw; clip rounding
-    lo, hi = np.percentile(percent, [2.5, 97.5])
+    lo, hi = np.percentile(np.clip(ok, 0.0, 100.0), [2.5, 97.5])  # V <= B per draw; clip rounding
     return float(lo), float(hi)
 
 

@@ -139,6 +139,9 @@ def render_report(specimen: Mapping[str, Any], images: Mapping[str, Mapping[str,
     headline = (f"{_fmt(specimen.get('viable_percent'), 1)} % viable tumor"
                 if specimen.get("viable_percent") is not None else "No tumor bed found")
     ci_text = f"95 % interval {_fmt(ci[0], 1)}–{_fmt(ci[1], 1)} %" if ci else "no interval"
+    if ci and specimen.get("viable_percent_corrected") is not None:
+        ci_text += (f" of the true viable % given the model's validated error (corrected estimate "
+                    f"{_fmt(specimen['viable_percent_corrected'], 1)} %)")
     tier = eortc.get("tier")
     tier_text = f"EORTC-STBSG score {html.escape(str(tier))}" if tier else "EORTC-STBSG score: not assessable"
     if eortc.get("near_cutoff"):

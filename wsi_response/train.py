@@ -13,6 +13,9 @@ replacement), augments with the 8 flips/90° rotations, HED stain jitter and bri
 jitter (:func:`hed_jitter`, :func:`light_jitter`, both scaled by ``training.hed_jitter``), and optimises
 cross-entropy with AdamW and a cosine schedule: float32 on CPU, bf16/fp16 autocast on CUDA
 (GradScaler for fp16). Validation holds out whole SLIDES (``training.val_split``), never tiles.
+After the last epoch, the validation tiles calibrate the model (:mod:`wsi_response.calibration`):
+a temperature fitted by validation NLL and the validation confusion matrix go into the checkpoint;
+the report gets the reliability bins and ECE before/after, and ``<out>.reliability.png``.
 Everything random flows from ``training.seed``: the same inputs and seed give the same weights
 (on the same device and thread count).
 """
@@ -31,7 +34,8 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import write_json_atomic
+from .atomic import write_atomic, write_json_atomic
+from .calibration import calibrate, reliability_png
 from .classes import CLASSES
 from .classifier import (
     IMAGENET_MEAN,
@@ -39,7 +43,6 @@ from .classifier import (
     Classifier,
     build_model,
     save_classifier,
-    tiles_to_numpy_probs,
     to_unit_float,
     with_provenance,
 )
@@ -61,6 +64,7 @@ __all__ = [
     "hed_jitter",
     "light_jitter",
     "classification_metrics",
+    "predict_logits",
     "predict_tiles",
     "evaluate_annotated",
     "train_classifier",
@@ -289,8 +293,8 @@ def classification_metrics(true: np.ndarray, pred: np.ndarray) -> dict[str, Any]
     }
 
 
-def predict_tiles(classifier: Classifier, tiles: np.ndarray, device: torch.device, batch_size: int = 64) -> np.ndarray:
-    """Probabilities ``(n, C)`` float32 of in-memory uint8 tiles ``(n, h, w, 3)``."""
+def predict_logits(classifier: Classifier, tiles: np.ndarray, device: torch.device, batch_size: int = 64) -> np.ndarray:
+    """Logits ``(n, C)`` float32 of in-memory uint8 tiles ``(n, h, w, 3)``."""
     model = classifier.model.to(device).eval()
     amp = autocast_dtype(device)
     out = np.zeros((len(tiles), len(classifier.class_names)), np.float32)
@@ -298,8 +302,14 @@ def predict_tiles(classifier: Classifier, tiles: np.ndarray, device: torch.devic
         for s in range(0, len(tiles), batch_size):
             x = classifier.normalise(to_unit_float(torch.from_numpy(tiles[s:s + batch_size]).to(device)))
             with torch.autocast(device_type=device.type, dtype=amp, enabled=amp is not None):
-                out[s:s + batch_size] = tiles_to_numpy_probs(model(x))
+                out[s:s + batch_size] = model(x).float().cpu().numpy()
     return out
+
+
+def predict_tiles(classifier: Classifier, tiles: np.ndarray, device: torch.device, batch_size: int = 64) -> np.ndarray:
+    """Calibrated probabilities ``(n, C)`` float32 of in-memory uint8 tiles ``(n, h, w, 3)``."""
+    logits = torch.from_numpy(predict_logits(classifier, tiles, device, batch_size))
+    return classifier.probabilities(logits).numpy()
 
 
 def evaluate_annotated(classifier: Classifier, pairs: Sequence[tuple[Path, Path]], cfg: Config,
@@ -404,8 +414,12 @@ def train_classifier(slides: Sequence[str | os.PathLike], annotations: Sequence[
 
     model.eval()
     metrics: dict[str, Any] = {"train_slides": len(train_ids), "val_slides": len(val_ids)}
+    calibration: dict[str, Any] | None = None
     if len(val.labels):
-        metrics["val"] = classification_metrics(val.labels, predict_tiles(clf, val.tiles, dev).argmax(axis=1))
+        val_logits = predict_logits(clf, val.tiles, dev)
+        metrics["val"] = classification_metrics(val.labels, val_logits.argmax(axis=1))
+        temperature, validation, calibration = calibrate(val_logits, val.labels, val.slide_index)
+        clf = Classifier(**{**clf.__dict__, "temperature": temperature, "validation_error": validation})
     synthetic = all(_is_synthetic(p) for p, _ in pairs)
     clf = Classifier(**{**clf.__dict__, "trained_on": {
         "synthetic": synthetic,
@@ -427,7 +441,12 @@ def train_classifier(slides: Sequence[str | os.PathLike], annotations: Sequence[
         "config": {"tiling": config_to_dict(cfg.tiling), "training": config_to_dict(tr)},
         "weights": str(weights) if weights else None, "ignored_annotations": data.ignored,
         "trained_on": dict(clf.trained_on), "history": history, "metrics": metrics,
+        "calibration": calibration, "reliability_png": None,
     }
+    if calibration is not None:
+        png = out.with_name(out.name + ".reliability.png")
+        write_atomic(png, reliability_png(calibration))
+        report["reliability_png"] = png.name
     report_path = out.with_name(out.name + ".report.json")
     write_json_atomic(report_path, report)
     return TrainResult(classifier=clf, report=report, report_path=report_path)
