@@ -110,8 +110,9 @@ class Classifier:
         }
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Calibrated class probabilities ``softmax(logits / temperature)``, float32 ``(n, C)``."""
-        return torch.softmax(logits.float() / self.temperature, dim=1)
+        """Calibrated class probabilities ``softmax(logits / temperature)`` over the last axis (the
+        classes), float32: ``(n, C)``, or ``(n, 1 + k*k, C)`` with sub-cells."""
+        return torch.softmax(logits.float() / self.temperature, dim=-1)
 
     def check_compatible(self, tiling: TilingConfig) -> None:
         """Raise ``ModelError`` naming every tiling field whose run value differs from the model's."""

@@ -311,16 +311,16 @@ def aggregate_specimen(specimen_dir: Path, specimen_id: str, *,
     raises :class:`~wsi_response.locks.FolderBusyError` when another process holds one.
     """
     slides_dir = specimen_dir / "slides"
-    folders = slide_ids if slide_ids is not None else sorted(
-        p.name for p in slides_dir.glob("*") if p.is_dir() and not p.is_symlink())
+    folders = slide_ids
+    if slide_ids is None:   # names checked before any lock file is written into a folder
+        slide_ids = sorted(check_slide_id(p.parent.name, str(slides_dir)) for p in slides_dir.glob("*/slide.json"))
+        folders = sorted(p.name for p in slides_dir.glob("*") if p.is_dir() and not p.is_symlink())
     with specimen_locks(specimen_dir, folders, brief=True):
         return _aggregate_locked(specimen_dir, specimen_id, slide_ids)
 
 
-def _aggregate_locked(specimen_dir: Path, specimen_id: str, slide_ids: Sequence[str] | None) -> dict[str, Any]:
+def _aggregate_locked(specimen_dir: Path, specimen_id: str, slide_ids: Sequence[str]) -> dict[str, Any]:
     slides_dir = specimen_dir / "slides"
-    if slide_ids is None:
-        slide_ids = sorted(check_slide_id(p.parent.name, str(slides_dir)) for p in slides_dir.glob("*/slide.json"))
     records = [_slide_json(slides_dir / sid) for sid in slide_ids]
     tile_areas = []
     for i, r in enumerate(records):
