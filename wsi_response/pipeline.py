@@ -115,8 +115,12 @@ def current_slide_record(slide_dir: Path, path: str | Path, model_sha256: str | 
 
 
 def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: Any, cfg: Config, *,
-                  mpp: float | None = None, progress: Progress | None = None) -> dict[str, Any]:
+                  mpp: float | None = None, progress: Progress | None = None,
+                  stage: Callable[[str], None] = lambda name: None) -> dict[str, Any]:
     """Run one slide end to end into ``slide_dir``; returns its ``slide.json`` record.
+
+    ``progress`` gets the tiles done after each chunk; ``stage(name)`` is called as each stage
+    starts (``tissue``, ``inference``, ``export``), so a watchdog can tell a slow slide from a stuck one.
 
     Raises :class:`WsiResponseError` for a bad slide (the caller records it as failed). The
     slide's old ``slide.json`` and writers' leftover temporary files are removed first.
@@ -133,6 +137,7 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
         remove_partials(slide_dir)
     slide = open_slide(path, mpp=mpp)
     try:
+        stage("tissue")
         overview = read_overview(slide, cfg.tissue.mask_mpp)
         mask, artefacts = _tissue_and_artefacts(slide, overview, cfg)
         usable = TissueMask(mask.mask & ~artefacts.any, mask.downsample, mask.mpp)
@@ -142,6 +147,7 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
         timings["tissue_and_grid_s"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
+        stage("inference")
         slide_dir.mkdir(parents=True, exist_ok=True)
         if len(grid):
             predictions = predict(
@@ -155,6 +161,7 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
         timings["inference_s"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
+        stage("export")
         areas = slide_areas_from_tiles(predictions.probs, predictions.class_names, grid.tissue_fraction,
                                        grid.cell_area_mm2)
         labels = predictions.labels
