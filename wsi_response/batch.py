@@ -259,6 +259,10 @@ def _worker_main(conn: Connection, model_path: Path, model_sha256: str | None, c
         conn.send(("setup_error", str(exc)))
         return
     conn.send(("ready", None))
+
+    def alive(*_: object) -> None:   # each stage and chunk of tiles: a sign of life for the watchdog
+        conn.send(("progress", None))
+
     while True:
         try:
             task: SlideTask | None = conn.recv()
@@ -267,10 +271,6 @@ def _worker_main(conn: Connection, model_path: Path, model_sha256: str | None, c
         if task is None:
             return
         slide_dir = task.slide_dir(out_dir)
-
-        def alive(*_: object) -> None:
-            conn.send(("progress", None))
-
         try:
             record = process_slide(task.path, task.slide_id, slide_dir, classifier, cfg, progress=alive, stage=alive)
         except Exception as exc:

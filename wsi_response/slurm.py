@@ -31,7 +31,7 @@ from .pipeline import check_writable
 __all__ = ["SlurmOptions", "Submission", "batch_command", "array_job", "aggregate_job", "submit"]
 
 ARRAY_ID_PLACEHOLDER = "<ARRAY_JOB_ID>"
-HEREDOC_DELIMITER = "WSI_RESPONSE_EOF"  # of --dry-run's scripts; suffixed _2, _3 ... while a line of the script equals it
+HEREDOC_DELIMITER = "WSI_RESPONSE_EOF"  # of --dry-run's scripts; _2, _3 ... while a line of the script equals it
 
 
 @dataclass(frozen=True)
