@@ -5,15 +5,16 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from _batch_data import DEVICE, OVERRIDES, batch_data, cli, slide_json, specimen_json, without_timing
+from _batch_data import DEVICE, OVERRIDES, batch_data, cli, pool_chunks, slide_json, specimen_json, without_timing
 from wsi_response.batch import read_manifest, shard, task_from_env, worker_devices
 from wsi_response.errors import ConfigError
-from wsi_response.slurm import SlurmOptions, aggregate_job, array_job
+from wsi_response.slurm import ARRAY_ID_PLACEHOLDER, SlurmOptions, aggregate_job, array_job
 
 RUN = ["--device", DEVICE, *OVERRIDES]
 
@@ -124,6 +125,51 @@ def test_slurm_dry_run_prints_both_jobs(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+# a folder name that ends a fixed here-document and runs commands if anything is unquoted
+HOSTILE = "it's \"q\" $(touch pwned) `touch pwned2` 100% $HOME \\\nWSI_RESPONSE_EOF\nWSI_RESPONSE_EOF_2\n#SBATCH --x\n"
+# bash: sbatch records its arguments and stdin; `exec` records its arguments (the job script's last command)
+RECORD = ('sbatch() { n=$((n + 1)); printf "%s\\0" "$@" > "args.$n"; cat > "stdin.$n"; }\n'
+          'exec() { printf "%s\\0" "$@" > "$RECORD_TO"; }\n')
+
+
+def _bash(code: str, cwd: Path, **env: str) -> None:
+    subprocess.run(["bash", "-c", code], cwd=cwd, check=True, timeout=30, env={"PATH": os.environ["PATH"], **env})
+
+
+def _nul_split(path: Path) -> list[str]:
+    return path.read_bytes().decode().split("\0")[:-1]
+
+
+def test_slurm_dry_run_is_safe_to_paste(tmp_path: Path) -> None:
+    """The printed sbatch calls, run by bash, pass exactly the args and script; the scripts, run
+    by bash, run exactly the batch commands; nothing in a path runs or ends a here-document."""
+    folder = tmp_path / HOSTILE / f"b {HOSTILE}"
+    folder.mkdir(parents=True)
+    manifest, out = folder / f"m{HOSTILE}.csv", folder / f"out{HOSTILE}"
+    manifest.write_text("specimen_id,slide_path\nS,a.svs\nS,b.svs\nT,c.svs\n", encoding="utf-8")
+    proc = cli("slurm", manifest, "--out", out, "--dry-run", "--tasks", "2", "--gpus-per-task", "0",
+               "--time", "30", "--stall-timeout", "90", "tissue.mask_mpp=8")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("<<'WSI_RESPONSE_EOF_3'\n") == 2   # the first free delimiter
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    _bash(RECORD + proc.stdout, sandbox)
+    opts = SlurmOptions(tasks=2, gpus_per_task=0, time="30")
+    batch_args = ["--stall-timeout", "90", "tissue.mask_mpp=8"]
+    jobs = [array_job(manifest, out, opts, batch_args),
+            aggregate_job(manifest, out, opts, batch_args, ARRAY_ID_PLACEHOLDER)]
+    for n, job in enumerate(jobs, start=1):
+        assert tuple(_nul_split(sandbox / f"args.{n}")) == job.args
+        assert (sandbox / f"stdin.{n}").read_text(encoding="utf-8") == job.script
+        _bash(RECORD + f". ./stdin.{n}", sandbox, RECORD_TO=f"argv.{n}", SLURM_ARRAY_TASK_ID="1")
+    command = [sys.executable, "-m", "wsi_response.cli", "batch", str(manifest), "--out", str(out)]
+    assert _nul_split(sandbox / "argv.1") == [*command, "--task-index", "1", "--task-count", "2", *batch_args]
+    assert _nul_split(sandbox / "argv.2") == [*command, "--aggregate-only", *batch_args]
+    assert sorted(p.name for p in sandbox.iterdir()) == ["args.1", "args.2", "argv.1", "argv.2", "stdin.1",
+                                                         "stdin.2"]   # nothing else ran
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -232,6 +278,85 @@ def test_crashed_worker_and_stop_signal(tmp_path_factory: pytest.TempPathFactory
     assert after["B/slides/B_1/slide.json"] == before["B/slides/B_1/slide.json"]
     for specimen in ("A", "B"):
         assert without_timing(specimen_json(out, specimen)) == without_timing(data.reference[specimen])
+
+
+HANG_TIMEOUT_S = 600   # the batch below takes well under a minute on two cores; the unfixed code never ended
+
+
+@pytest.mark.slow
+def test_ordinary_slides_start_every_pool_and_never_hang(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Regression: the batch hung forever on ordinary slides (the focus measure's process pool,
+    forked from a worker that ignored SIGTERM, could not be terminated). The slides start the
+    focus pool and the inference DataLoader's workers; the batch must end with the local numbers."""
+    data = batch_data(tmp_path_factory)
+    good = [(s, p) for s, p in data.rows if p != data.bad]
+    assert all(min(pool_chunks(p)) > 1 for _, p in good), [pool_chunks(p) for _, p in good]
+    folder = tmp_path_factory.mktemp("no hang")
+    manifest = folder / "good.csv"
+    manifest.write_text("specimen_id,slide_path\n" + "".join(f'{s},"{p}"\n' for s, p in good), encoding="utf-8")
+    out = folder / "out"
+    proc = cli("batch", manifest, "--out", out, *RUN, timeout=HANG_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr
+    assert "batch: 4 slides: 4 ok" in proc.stdout, proc.stdout
+    for specimen, path in good:
+        assert (without_timing(slide_json(out, specimen, path.stem))
+                == without_timing(slide_json(data.reference_out, specimen, path.stem)))
+    assert without_timing(specimen_json(out, "B")) == without_timing(data.reference["B"])
+
+
+STALL_S = 30   # --stall-timeout of the test below: well above any pause of a working slide on two busy cores
+
+
+def _processes() -> list[tuple[int, int, int, str]]:
+    """``(pid, parent pid, process group, state)`` of every process."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            state, ppid, pgrp = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            found.append((int(proc.name), int(ppid), int(pgrp), state))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_stalled_worker_is_killed_and_the_next_slide_runs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A worker frozen (SIGSTOP) while its focus workers run is killed with them after
+    --stall-timeout; its slide is failed with 'no progress for N s' and the next slide runs."""
+    data = batch_data(tmp_path_factory)
+    (_, a1), (_, b1) = data.rows[0], data.rows[3]
+    folder = tmp_path_factory.mktemp("stall")
+    manifest = folder / "m.csv"
+    manifest.write_text(f'specimen_id,slide_path\nA,"{a1}"\nB,"{b1}"\n', encoding="utf-8")
+    out = folder / "out"
+    command = [sys.executable, "-m", "wsi_response.cli", "batch", str(manifest), "--out", str(out),
+               "--stall-timeout", str(STALL_S), *RUN]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:   # the worker's first children are the focus measure's workers (A_1's tissue stage)
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            workers = _worker_pids(proc.pid)
+            if workers and any(ppid == workers[0] for _, ppid, _, _ in _processes()):
+                break
+            time.sleep(0.005)
+        [worker] = workers
+        os.kill(worker, signal.SIGSTOP)
+        frozen = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, stderr
+    error = f"{a1}: no progress for {STALL_S} s; its worker process was killed"
+    finished = [line for line in stderr.splitlines() if line.startswith("wsi-response: [")]
+    assert finished[0] == f"wsi-response: [1/2] A/A_1: FAILED: {error}", stderr
+    assert finished[1].startswith("wsi-response: [2/2] B/B_1: ok, "), stderr
+    assert time.monotonic() - frozen > STALL_S
+    assert slide_json(out, "A", "A_1")["status"] == "failed" and slide_json(out, "A", "A_1")["error"] == error
+    assert without_timing(slide_json(out, "B", "B_1")) == without_timing(slide_json(data.reference_out, "B", "B_1"))
+    assert "batch: 2 slides: 1 failed, 1 ok" in stdout and f"failed: A/A_1: {error}" in stdout, stdout
+    assert [p for p in _processes() if p[2] == worker and p[3] not in "ZX"] == []   # none of its group is left
 
 
 def test_unwritable_output_stops_with_one_line(tmp_path: Path) -> None:

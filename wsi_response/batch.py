@@ -17,8 +17,14 @@ slides, so the rest still runs.
   is redone, and the pipeline writes the new one last and atomically, so an abandoned slide never
   counts as done (its finished tile chunks are kept in the tile store and reused).
 - **Isolation**: slides run in worker processes (``spawn``), one slide at a time each; the
-  classifier is loaded once per worker. A worker that dies (a segfault in a codec, the OOM killer)
-  has its slide recorded as failed and is replaced; the next slide is unaffected.
+  classifier is loaded once per worker. Each worker leads its own process group (its tile readers
+  are in it) and is ended with SIGKILL to that group. A worker that dies (a segfault in a codec,
+  the OOM killer) has its slide recorded as failed and is replaced; the next slide is unaffected.
+- **Watchdog**: a worker reports each stage of a slide and each chunk of tiles it finishes. One
+  that reports nothing for ``stall_timeout_s`` seconds (default 1800) is killed with its
+  processes and its slide recorded as failed (``no progress for N s``); the next slide gets a
+  fresh worker, so one stuck slide (a hung file system, a deadlock) never stalls the task. A
+  worker that does not start within that time ends the run (exit 1).
 - **Devices**: ``gpus`` (``"all"`` or a count) pins one worker per visible GPU through
   ``CUDA_VISIBLE_DEVICES``; ``workers`` sets the number of worker processes (default: one per
   GPU, else one). CPU threads are split evenly between workers.
@@ -51,9 +57,10 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .atomic import write_json_atomic
+from .children import STOP_SIGNALS, die_with_parent, end_process, exit_reason
 from .config import Config
 from .errors import ConfigError, OutputError, SlideReadError, WsiResponseError
 from .ids import check_inside, check_specimen_id, folder_key, same_file_pairs, unique_slide_ids
@@ -63,12 +70,12 @@ from .pipeline import (aggregate_specimen, check_writable, config_sha256, curren
                        process_slide, raise_if_environment, record_failure)
 
 __all__ = ["SlideTask", "BatchResult", "read_manifest", "missing_slides", "shard", "task_from_env",
-           "worker_devices", "run_batch", "finalize_batch", "SUMMARY_NAME"]
+           "worker_devices", "run_batch", "finalize_batch", "SUMMARY_NAME", "STALL_TIMEOUT_S"]
 
 MANIFEST_COLUMNS = ("specimen_id", "slide_path")
 SUMMARY_NAME = "batch-summary.json"
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 BUSY = "busy"   # status of a slide (or specimen) whose folder another process holds: in progress elsewhere
+STALL_TIMEOUT_S = 1800.0  # default: seconds without a sign of progress after which a worker is killed
 _POLL_S = 0.5
 
 
@@ -270,10 +277,12 @@ def _aggregate_complete(tasks: Sequence[SlideTask], specimens: Iterable[str], ou
 
 def _worker_main(conn: Connection, model_path: Path, model_sha256: str | None, cfg: Config,
                  cuda_visible: str | None, threads: int, out_dir: Path) -> None:
-    """Worker process: load the classifier once, then run the slides the parent sends, one at a time."""
-    for sig in STOP_SIGNALS:      # the parent decides when to stop and kills the worker
-        signal.signal(sig, signal.SIG_IGN)
-    _die_with_parent()
+    """Worker process: load the classifier once, then run the slides the parent sends, one at a time,
+    reporting each stage and chunk (the parent's watchdog)."""
+    os.setpgid(0, 0)              # a group of its own: the parent ends it with its tile readers
+    for sig in STOP_SIGNALS:      # the parent decides when to stop; a handler, not SIG_IGN, which children inherit
+        signal.signal(sig, _ignore)
+    die_with_parent()
     if cuda_visible is not None:  # before torch initialises CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible
     try:
@@ -289,6 +298,10 @@ def _worker_main(conn: Connection, model_path: Path, model_sha256: str | None, c
         conn.send(("setup_error", str(exc)))
         return
     conn.send(("ready", None))
+
+    def alive(*_: object) -> None:   # each stage and chunk of tiles: a sign of life for the watchdog
+        conn.send(("progress", None))
+
     while True:
         try:
             task: SlideTask | None = conn.recv()
@@ -298,7 +311,7 @@ def _worker_main(conn: Connection, model_path: Path, model_sha256: str | None, c
             return
         try:
             with folder_lock(task.slide_dir(out_dir)):   # held by another process: in progress elsewhere
-                message = _worker_slide(task, out_dir, classifier, cfg)
+                message = _worker_slide(task, out_dir, classifier, cfg, alive)
         except FolderBusyError as busy:
             message = (BUSY, str(busy))
         except OutputError as env:
@@ -308,27 +321,23 @@ def _worker_main(conn: Connection, model_path: Path, model_sha256: str | None, c
             return
 
 
-def _worker_slide(task: SlideTask, out_dir: Path, classifier: Any, cfg: Config) -> tuple[str, Any]:
-    """Run one slide under its folder's lock (unless another process finished it meanwhile)."""
+def _worker_slide(task: SlideTask, out_dir: Path, classifier: Any, cfg: Config,
+                  alive: Callable[..., None]) -> tuple[str, Any]:
+    """Run one slide under its folder's lock (unless another process finished it meanwhile);
+    ``alive`` is called at each stage and chunk (the watchdog's sign of life)."""
     slide_dir = task.slide_dir(out_dir)
     record = _done_record(out_dir, task, classifier.sha256, config_sha256(cfg))
     if record is None:
         try:
-            record = process_slide(task.path, task.slide_id, slide_dir, classifier, cfg)
+            record = process_slide(task.path, task.slide_id, slide_dir, classifier, cfg, progress=alive, stage=alive)
         except Exception as exc:
             raise_if_environment(exc, out_dir)
             record = record_failure(task.path, task.slide_id, slide_dir, classifier, cfg, exc)
     return "done", {k: record.get(k) for k in ("status", "error", "n_tiles", "timing")}
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when its parent dies (no orphan keeps computing)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+def _ignore(signum: int, frame: Any) -> None:
+    """A stop signal in a worker: nothing (the parent stops the run and kills the worker)."""
 
 
 @dataclass
@@ -337,6 +346,7 @@ class _Worker:
     conn: Connection
     task: SlideTask | None = None
     ready: bool = False
+    heard_at: float = field(default_factory=time.monotonic)   # last message (or start, or task sent)
 
 
 class _Pool:
@@ -370,9 +380,7 @@ class _Pool:
 
     @staticmethod
     def _stop(worker: _Worker) -> None:
-        if worker.process.is_alive():
-            worker.process.kill()
-        worker.process.join()
+        end_process(worker.process)
         worker.conn.close()
 
     def close(self) -> None:
@@ -389,14 +397,6 @@ def _cpu_count() -> int:
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
     return min(n, int(slurm)) if slurm.isdigit() and int(slurm) > 0 else n
-
-
-def _death(exitcode: int | None) -> str:
-    """How a worker process ended, e.g. ``died by SIGSEGV (a crash in a slide codec?)``."""
-    if exitcode is not None and exitcode < 0:
-        hint = "out of memory?" if -exitcode == signal.SIGKILL else "a crash in a slide codec?"
-        return f"died by {signal.Signals(-exitcode).name} ({hint})"
-    return f"exited with code {exitcode}"
 
 
 # --------------------------------------------------------------------------- running a batch
@@ -425,7 +425,8 @@ class _StopFlag:
 
 def run_batch(tasks: Sequence[SlideTask], out_dir: Path, classifier: Any, cfg: Config, *, task_index: int = 0,
               task_count: int = 1, gpus: str | None = None, workers: int | None = None,
-              manifest: Path | None = None, quiet: bool = False) -> BatchResult:
+              manifest: Path | None = None, quiet: bool = False,
+              stall_timeout_s: float = STALL_TIMEOUT_S) -> BatchResult:
     """Run shard ``task_index`` of ``task_count`` of ``tasks`` into ``out_dir`` (see the module doc).
 
     Then aggregates the shard's complete specimens; an unsharded run (``task_count == 1``) also
@@ -437,6 +438,8 @@ def run_batch(tasks: Sequence[SlideTask], out_dir: Path, classifier: Any, cfg: C
     mine = shard(tasks, task_index, task_count)
     if gpus is not None and cfg.inference.device == "cpu":
         raise ConfigError(f"--gpus {gpus} with device cpu; leave out --gpus (use --workers N for CPU workers)")
+    if not stall_timeout_s > 0:
+        raise ConfigError(f"--stall-timeout {stall_timeout_s:g}: need a number of seconds above 0")
     check_inside(out_dir, *_output_folders(tasks, out_dir))
     check_writable(out_dir)
     model_sha, cfg_sha = classifier.sha256, config_sha256(cfg)
@@ -448,7 +451,7 @@ def run_batch(tasks: Sequence[SlideTask], out_dir: Path, classifier: Any, cfg: C
     if todo:
         devices = worker_devices(gpus, workers, _visible_gpus() if gpus is not None else [])
         with _StopFlag() as stop:
-            _run_pool(todo, out_dir, classifier, cfg, devices[:len(todo)], result, stop, log)
+            _run_pool(todo, out_dir, classifier, cfg, devices[:len(todo)], result, stop, log, stall_timeout_s)
             result.stopped_by = stop.signum
     log.close()
     if result.stopped_by is not None:
@@ -468,7 +471,7 @@ def _output_folders(tasks: Sequence[SlideTask], out_dir: Path) -> list[Path]:
 
 
 def _run_pool(todo: list[SlideTask], out_dir: Path, classifier: Any, cfg: Config, devices: list[str | None],
-              result: BatchResult, stop: _StopFlag, log: _Log) -> None:
+              result: BatchResult, stop: _StopFlag, log: _Log, stall_timeout_s: float) -> None:
     pending = list(reversed(todo))
     pool = _Pool(devices, Path(classifier.path), classifier.sha256, cfg, out_dir)
     try:
@@ -477,6 +480,7 @@ def _run_pool(todo: list[SlideTask], out_dir: Path, classifier: Any, cfg: Config
                 if w.ready and w.task is None and pending:
                     w.task = pending.pop()
                     w.conn.send(w.task)
+                    w.heard_at = time.monotonic()
             for slot in pool.wait(_POLL_S):
                 w = pool.workers[slot]
                 while w.conn.poll():
@@ -484,6 +488,7 @@ def _run_pool(todo: list[SlideTask], out_dir: Path, classifier: Any, cfg: Config
                         kind, payload = w.conn.recv()
                     except EOFError:
                         break
+                    w.heard_at = time.monotonic()
                     if kind == "ready":
                         w.ready = True
                     elif kind == "setup_error":
@@ -494,30 +499,41 @@ def _run_pool(todo: list[SlideTask], out_dir: Path, classifier: Any, cfg: Config
                         result.statuses[w.task] = BUSY
                         log.busy(w.task, payload)
                         w.task = None
-                    else:
+                    elif kind == "done":
                         result.statuses[w.task] = payload["status"]
                         log.slide(w.task, payload)
                         w.task = None
                 if not w.process.is_alive() and stop.signum is None:
                     if not w.ready:
-                        raise WsiResponseError(f"the worker process {_death(w.process.exitcode)} while starting")
+                        raise WsiResponseError(f"the worker process {exit_reason(w.process.exitcode)} while starting")
                     if w.task is not None:
-                        _record_crash(w.task, out_dir, classifier, cfg, w.process.exitcode, result, log)
+                        _record_lost(w.task, f"the worker process {exit_reason(w.process.exitcode)} while processing "
+                                     "this slide", out_dir, classifier, cfg, result, log)
                         w.task = None
                     pool.restart(slot)
+            for slot, w in enumerate(pool.workers):
+                if time.monotonic() - w.heard_at > stall_timeout_s and (w.task or not w.ready) and stop.signum is None:
+                    if not w.ready:
+                        raise WsiResponseError(f"the worker process made no progress for {stall_timeout_s:g} s "
+                                               "while starting")
+                    pool.restart(slot)   # kills it, and its tile readers, first
+                    _record_lost(w.task, f"no progress for {stall_timeout_s:g} s; its worker process was killed",
+                                 out_dir, classifier, cfg, result, log)
     finally:
         pool.close()
 
 
-def _record_crash(task: SlideTask, out_dir: Path, classifier: Any, cfg: Config, exitcode: int | None,
-                  result: BatchResult, log: _Log) -> None:
+def _record_lost(task: SlideTask, problem: str, out_dir: Path, classifier: Any, cfg: Config,
+                 result: BatchResult, log: _Log) -> None:
+    """Record the slide of a worker that died or was killed as failed with ``problem``
+    (unless it finished just before)."""
     if _is_done(out_dir, task, classifier.sha256, config_sha256(cfg)):   # died after writing slide.json
         result.statuses[task] = "ok"
         return
-    error = SlideReadError(task.path, f"the worker process {_death(exitcode)} while processing this slide")
     try:
         with folder_lock(task.slide_dir(out_dir)):   # the dead worker's lock is free again
-            record = record_failure(task.path, task.slide_id, task.slide_dir(out_dir), classifier, cfg, error)
+            record = record_failure(task.path, task.slide_id, task.slide_dir(out_dir), classifier, cfg,
+                                    SlideReadError(task.path, problem))
     except FolderBusyError as busy:   # another process took the slide over meanwhile
         result.statuses[task] = BUSY
         log.busy(task, str(busy))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from . import __version__
+from .batch import STALL_TIMEOUT_S
 from .errors import ConfigError, WsiResponseError
 from .malloc_arenas import limit_malloc_arenas
 
@@ -120,6 +121,16 @@ def _add_mpp_options(p: argparse.ArgumentParser) -> None:
                             "agree within 1 %%)")
     group.add_argument("--force-mpp", type=_mpp, default=None, metavar="UM",
                        help="µm per level-0 px replacing every slide's own MPP (recorded as mpp_source override)")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text}: need a number of seconds above 0")
+    return value
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -350,7 +361,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         print(f"wsi-response: {len(missing)} slide file(s) in {args.manifest} do not exist; they are recorded as "
               "failed: " + "; ".join(f"line {t.line}: {t.path}" for t in missing), file=sys.stderr)
     result = run_batch(tasks, args.out, classifier, cfg, task_index=index, task_count=count, gpus=args.gpus,
-                       workers=args.workers, manifest=args.manifest.resolve(), quiet=args.quiet)
+                       workers=args.workers, manifest=args.manifest.resolve(), quiet=args.quiet,
+                       stall_timeout_s=args.stall_timeout)
     if result.stopped_by is not None:
         name = signal.Signals(result.stopped_by).name
         print(f"wsi-response: stopped by {name}: {len(result.statuses)} slides finished in this run, "
@@ -381,6 +393,7 @@ def _cmd_slurm(args: argparse.Namespace) -> int:
                   *(["--config", str(args.config.resolve())] if args.config else []),
                   *(["--device", args.device] if args.device else []),
                   *(["--workers", str(args.workers)] if args.workers else []),
+                  "--stall-timeout", f"{args.stall_timeout:g}",
                   *args.overrides]
     array_id, aggregate_id, jobs = submit(args.manifest, args.out, opts, batch_args, dry_run=args.dry_run)
     if args.dry_run:
@@ -489,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", type=Path, required=True)
         p.add_argument("--workers", type=_at_least(1), default=None,
                        help="worker processes, one slide each at a time (default: one per GPU, else 1)")
+        p.add_argument("--stall-timeout", type=_seconds, default=STALL_TIMEOUT_S, metavar="SECONDS",
+                       help="kill a worker that reports no progress (a stage, a chunk of tiles) for this long and "
+                            f"record its slide as failed (default {STALL_TIMEOUT_S:g})")
         run_options(p)
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 

@@ -14,11 +14,14 @@ from __future__ import annotations
 import multiprocessing
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable
+from multiprocessing.connection import Connection, wait
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from .children import END_WAIT_S, as_child, end_process, exit_reason
 from .config import QcConfig, TilingConfig
+from .errors import SlideReadError
 from .slide import Slide
 from .smoothing import block_mean
 from .tiling import TileGrid, TileReader, tile_grid
@@ -73,16 +76,22 @@ class FocusJob:
         self.fine = np.zeros(mask.mask.shape, np.float32)
         self.band = np.zeros(mask.mask.shape, np.float32)
         self._reader = TileReader(slide, self.grid)
-        self._pool: Any = None
+        self._workers: list[tuple[Any, Connection]] = []
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         if workers > 1 and self.grid.n_chunks > 1:
             context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
                                                   else "spawn")
-            self._pool = context.Pool(min(workers, self.grid.n_chunks), initializer=_set_reader,
-                                      initargs=(self._reader, self.k))
-            chunks = self._pool.imap_unordered(_energies_in_worker, range(self.grid.n_chunks))
-            self._thread = threading.Thread(target=self._file_all, args=(chunks,), daemon=True)
+            next_chunk = context.Value("q", 0)  # the next chunk to take, shared by the workers
+            for _ in range(min(workers, self.grid.n_chunks)):
+                receiver, sender = context.Pipe(duplex=False)
+                process = context.Process(target=_work, args=(sender, self._reader, self.k, next_chunk,
+                                                              self.grid.n_chunks), daemon=True)
+                process.start()
+                sender.close()  # the worker holds the only sending end: its end is the pipe's end
+                self._workers.append((process, receiver))
+            self._thread = threading.Thread(target=self._file_all, args=(_received(self._workers, slide),),
+                                            daemon=True)
             self._thread.start()
 
     def _cells(self, mask: TissueMask) -> TileGrid:
@@ -124,11 +133,14 @@ class FocusJob:
                 reader.close()
 
     def close(self) -> None:
-        """Stop the workers (if still running) and close the reader."""
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
+        """Stop the workers (if still running; bounded waits) and close the reader."""
+        for process, _ in self._workers:
+            end_process(process)
+        if self._thread is not None:
+            self._thread.join(END_WAIT_S)  # its workers have ended: it stops at once
+        for _, receiver in self._workers:
+            receiver.close()
+        self._workers = []
         self._reader.close()
 
     def _file_all(self, chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
@@ -167,17 +179,47 @@ def _is_in(cols_rows: np.ndarray, among: np.ndarray) -> np.ndarray:
     return np.isin(key(cols_rows), key(among))
 
 
-_WORKER: tuple[TileReader, int] | None = None  # the reader and k of this worker process
+def _work(results: Connection, reader: TileReader, k: int, next_chunk: Any, n_chunks: int) -> None:
+    """Worker process: the energies of the chunks it takes from the shared counter ``next_chunk``,
+    sent one by one, then its end of the pipe closes; an error is sent in place of a chunk."""
+    as_child()
+    try:
+        while True:
+            with next_chunk.get_lock():
+                chunk = next_chunk.value
+                next_chunk.value += 1
+            if chunk >= n_chunks:
+                return
+            results.send(_energies_of_chunk(reader, k, chunk))
+    except Exception as exc:
+        try:
+            results.send(exc)
+        except Exception:  # an error that does not pickle: its text
+            results.send(RuntimeError(f"{type(exc).__name__}: {exc}"))
 
 
-def _set_reader(reader: TileReader, k: int) -> None:
-    global _WORKER
-    _WORKER = (reader, k)
-
-
-def _energies_in_worker(k_chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    assert _WORKER is not None
-    return _energies_of_chunk(_WORKER[0], _WORKER[1], k_chunk)
+def _received(workers: list[tuple[Any, Connection]], slide: Slide
+              ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The chunks ``workers`` send, as they come; raises a worker's error, or
+    :class:`SlideReadError` when a worker dies (never waits for a dead one)."""
+    live = list(workers)
+    while live:
+        wait([handle for process, receiver in live for handle in (receiver, process.sentinel)])
+        for process, receiver in list(live):
+            ended = not process.is_alive()  # checked first: all it sent is in the pipe by now
+            try:
+                while receiver.poll():
+                    item = receiver.recv()
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+            except EOFError:
+                ended = True
+            if ended:
+                live.remove((process, receiver))
+                process.join(END_WAIT_S)
+                if process.exitcode != 0:
+                    raise SlideReadError(slide.path, f"a focus measure worker process {exit_reason(process.exitcode)}")
 
 
 def _energies_of_chunk(reader: TileReader, k: int, k_chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

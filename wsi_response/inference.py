@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .children import as_child
 from .classifier import Classifier, to_unit_float
 from .errors import ConfigError, ModelError, WsiResponseError
 from .jpegtiles import JpegTileReader, open_jpeg_tile_reader
@@ -408,7 +409,8 @@ def tile_chunks(reader: TileReader, chunks: list[int], device: torch.device, *, 
     on_cuda = device.type == "cuda"
     loader = DataLoader(ChunkDataset(reader if decoder is None else decoder.source, chunks), batch_size=None,
                         num_workers=min(num_workers, len(chunks)), pin_memory=on_cuda and decoder is None,
-                        prefetch_factor=4 if num_workers > 0 else None, collate_fn=_as_is)
+                        prefetch_factor=4 if num_workers > 0 else None, collate_fn=_as_is,
+                        worker_init_fn=as_child)  # workers end on SIGTERM whatever this process ignores
     if decoder is None:
         for k, indices, tiles in _raising(loader):
             yield k, indices, tiles.to(device, non_blocking=True)

@@ -119,11 +119,13 @@ def damaged_store(slide_dir: Path, record: Mapping[str, Any]) -> str | None:
 
 
 def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: Any, cfg: Config, *,
-                  mpp: float | None = None, force_mpp: bool = False, progress: Progress | None = None
-                  ) -> dict[str, Any]:
+                  mpp: float | None = None, force_mpp: bool = False, progress: Progress | None = None,
+                  stage: Callable[[str], None] = lambda name: None) -> dict[str, Any]:
     """Run one slide end to end into ``slide_dir``; returns its ``slide.json`` record.
 
-    ``mpp`` and ``force_mpp``: as :func:`~wsi_response.slide.open_slide`.
+    ``mpp`` and ``force_mpp``: as :func:`~wsi_response.slide.open_slide`. ``progress`` gets the
+    tiles done after each chunk; ``stage(name)`` is called as each stage starts (``tissue``,
+    ``inference``, ``export``), so a watchdog can tell a slow slide from a stuck one.
 
     Raises :class:`WsiResponseError` for a bad slide (the caller records it as failed). The
     slide's old ``slide.json`` and writers' leftover temporary files are removed first. The caller
@@ -142,6 +144,7 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
     slide = open_slide(path, mpp=mpp, force_mpp=force_mpp)
     try:
         check_memory(slide, cfg)
+        stage("tissue")
         overview = read_overview(slide, cfg.tissue.mask_mpp)
         mask, artefacts = _tissue_and_artefacts(slide, overview, cfg)
         usable = TissueMask(mask.mask & ~artefacts.any, mask.downsample, mask.mpp)
@@ -151,6 +154,7 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
         timings["tissue_and_grid_s"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
+        stage("inference")
         slide_dir.mkdir(parents=True, exist_ok=True)
         if len(grid):
             predictions = predict(
@@ -164,6 +168,7 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
         timings["inference_s"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
+        stage("export")
         areas = slide_areas(grid, predictions)
         cells, cell_probs = _area_cells(grid, predictions)  # what the areas count: cells or sub-cells
         labels = np.argmax(cell_probs, axis=1)

@@ -7,7 +7,10 @@ every task has ended (failed or not) and runs ``batch --aggregate-only``: it agg
 complete specimen, writes ``DIR/batch-summary.json`` and lists the failed and unfinished slides.
 
 Every sbatch option goes on sbatch's command line (an argument list, no shell), and the job script
-quotes every path with :func:`shlex.quote`, so spaces and non-ASCII characters survive. Tasks get
+quotes every path with :func:`shlex.quote`, so spaces, quotes, ``$``, backticks, newlines and
+non-ASCII characters survive; ``--dry-run`` prints each call as a bash here-document whose
+delimiter is no line of the script (:meth:`Submission.shell`), so it is safe to paste. Every batch
+call gets ``--stall-timeout`` (the batch's no-progress watchdog). Tasks get
 SIGUSR1 ``signal_s`` seconds before their time limit (``--signal=B:USR1@...``); the script
 ``exec``\\s Python, so the signal reaches the batch, which abandons the slides in progress and
 exits, keeping every finished slide. Submitting the same command again continues (resume).
@@ -29,6 +32,7 @@ from .pipeline import check_writable
 __all__ = ["SlurmOptions", "Submission", "batch_command", "array_job", "aggregate_job", "submit"]
 
 ARRAY_ID_PLACEHOLDER = "<ARRAY_JOB_ID>"
+HEREDOC_DELIMITER = "WSI_RESPONSE_EOF"  # of --dry-run's scripts; _2, _3 ... while a line of the script equals it
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,15 @@ class Submission:
     script: str
 
     def shell(self) -> str:
-        """The call as a shell command (for --dry-run)."""
-        return f"sbatch {shlex.join(self.args)} <<'WSI_RESPONSE_EOF'\n{self.script}WSI_RESPONSE_EOF\n"
+        """The call as a bash command that feeds exactly ``script`` (which ends with a newline) to
+        ``sbatch args`` (for --dry-run): a quoted here-document (no expansion) whose delimiter is
+        no line of the script, whatever the paths in it."""
+        lines = set(self.script.split("\n"))
+        delimiter, n = HEREDOC_DELIMITER, 1
+        while delimiter in lines:
+            n += 1
+            delimiter = f"{HEREDOC_DELIMITER}_{n}"
+        return f"sbatch {shlex.join(self.args)} <<'{delimiter}'\n{self.script}{delimiter}\n"
 
 
 def batch_command(manifest: Path, out_dir: Path, extra: Sequence[str]) -> list[str]:
