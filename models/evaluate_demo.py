@@ -18,7 +18,8 @@ import numpy as np
 from wsi_response.classifier import load_classifier
 from wsi_response.config import Config
 from wsi_response.inference import resolve_device
-from wsi_response.train import classification_metrics, load_tileset, predict_tiles
+from wsi_response.train import classification_metrics, predict_tiles
+from wsi_response.train_sampling import load_grid_tileset
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     slides = [s for d in args.held_out for s in sorted(d.glob("*/*.svs"))]
     folder = np.array([next(i for i, d in enumerate(args.held_out) if s.is_relative_to(d)) for s in slides])
     pairs = [(s, s.with_suffix(".annotations.geojson")) for s in slides]
-    data = load_tileset(pairs, cfg, stride_um=cfg.tiling.tile_px * cfg.tiling.target_mpp, cap_per_class=100_000)
+    data = load_grid_tileset(pairs, cfg)
     tile_folder = folder[data.slide_index]
     out = {}
     for path in args.models:
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
             "trained_on": {"annotations": clf.trained_on["annotations"][0].split(".", 1)[1],
                            "n_slides": clf.trained_on["n_slides"],
                            "train_tiles_per_class": clf.trained_on["train_tiles_per_class"]},
-            "held_out": {**classification_metrics(data.labels, pred), "slides": list(data.slide_names)},
+            "held_out": {**classification_metrics(data.labels, pred, data.names), "slides": list(data.slide_names)},
             "by_folder": {str(d): classification_metrics(data.labels[tile_folder == i], pred[tile_folder == i])
                           for i, d in enumerate(args.held_out)},
         }

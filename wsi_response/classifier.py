@@ -133,21 +133,43 @@ class Classifier:
         return x.sub_(mean).div_(std)
 
 
-def build_model(arch: str, num_classes: int = len(CLASSES), weights: str | os.PathLike | None = None) -> nn.Module:
-    """A timm ``arch`` with a ``num_classes`` head, random init (``pretrained=False``, no download).
+def build_model(arch: str, num_classes: int = len(CLASSES), weights: str | os.PathLike | None = None,
+                pretrained: bool = False) -> nn.Module:
+    """A timm ``arch`` with a ``num_classes`` head, random init unless told otherwise.
 
     ``weights``: a local ``.safetensors`` or ``.pth``/``.pt`` state dict of the backbone; its
-    classifier head is dropped when its shape does not fit. Raises ``ConfigError`` for an unknown
-    arch and ``ModelError`` for weights that do not fit the backbone.
+    classifier head is dropped when its shape does not fit. ``pretrained``: timm's published
+    weights, downloaded once into the Hugging Face cache (the only download wsi-response makes).
+    Raises ``ConfigError`` for an unknown arch and ``ModelError`` for weights that do not fit the
+    backbone or cannot be downloaded.
     """
     import timm
 
     if not timm.is_model(arch):
         raise ConfigError(f"arch {arch!r}: not a timm model name (e.g. resnet18, resnet50, efficientnet_b0)")
+    if pretrained:
+        return _create_pretrained(arch, num_classes)
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
     if weights is not None:
         _load_backbone_weights(model, Path(weights))
     return model
+
+
+def _create_pretrained(arch: str, num_classes: int) -> nn.Module:
+    """timm's published weights of ``arch`` (from the cache, else downloaded); one-line ModelError offline."""
+    import urllib.error
+
+    import timm
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return timm.create_model(arch, pretrained=True, num_classes=num_classes)
+    except (LocalEntryNotFoundError, HfHubHTTPError, urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        raise ModelError(f"timm:{arch}", f"--pretrained: cannot download the published weights and none are cached "
+                         f"({type(exc).__name__}: offline or hub unreachable); run once where the Hugging Face hub "
+                         "is reachable (they are cached), or pass a local file with --weights PATH") from None
+    except RuntimeError as exc:  # timm: the architecture has no published weights
+        raise ModelError(f"timm:{arch}", f"--pretrained: {' '.join(str(exc).split())[:200]}") from None
 
 
 def _load_backbone_weights(model: nn.Module, path: Path) -> None:

@@ -183,6 +183,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                        ("seed", args.seed)):
         if value is not None:
             overrides.append(f"training.{key}={value}")
+    if args.pretrained:
+        overrides.append("training.pretrained=true")
     cfg = load_config(args.config, overrides)
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
     result = train_classifier(args.slides, args.annotations, args.out, cfg, weights=args.weights,
@@ -192,7 +194,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if val:
         recall = ", ".join(f"{c} {r:.3f}" for c, r in val["recall"].items() if r is not None)
         print(f"validation ({result.report['metrics']['val_slides']} slides, {val['n_tiles']} tiles): "
-              f"balanced accuracy {val['balanced_accuracy']:.3f}; recall {recall}")
+              f"balanced accuracy {val['balanced_accuracy']:.3f} (epoch {result.report['metrics']['best_epoch']}); "
+              f"recall {recall}")
+        for warning in val["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
     print(f"report {result.report_path}")
     return EXIT_OK
 
@@ -465,8 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="model file to write (.safetensors)")
     p.add_argument("--epochs", type=_at_least(1), default=None)
     p.add_argument("--val-split", type=_fraction, default=None, help="fraction of slides held out (by slide)")
-    p.add_argument("--arch", default=None, help="timm model name (default from training.arch: resnet18)")
-    p.add_argument("--weights", type=Path, default=None, help="local pretrained backbone weights (never downloaded)")
+    p.add_argument("--arch", default=None, help="timm model name (default from training.arch: lcnet_050)")
+    p.add_argument("--weights", type=Path, default=None, help="local pretrained backbone weights file")
+    p.add_argument("--pretrained", action="store_true",
+                   help="start from timm's published ImageNet weights (downloaded once, then cached)")
     p.add_argument("--weights-dtype", choices=("float32", "float16"), default="float32",
                    help="dtype of the stored weights (float16 halves the file)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

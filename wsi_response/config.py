@@ -116,17 +116,22 @@ class QcConfig:
 class TrainingConfig:
     """Training a tile classifier from annotated slides (``wsi-response train``)."""
 
-    arch: str = _f("resnet18")                                # timm model name (created without downloads)
-    epochs: int = _f(4, range=(1, 1000))                      # passes over the class-balanced training set
+    arch: str = _f("lcnet_050")                               # timm model name
+    pretrained: bool = _f(False)                              # start from timm's published weights (downloaded once, cached)
+    epochs: int = _f(10, range=(1, 1000))                     # passes of as many draws as there are training tiles; the best on validation is kept
     batch_size: int = _f(32, range=(1, 4096))                 # tiles per optimisation step
-    learning_rate: float = _f(0.002, range=(1e-6, 1.0))       # AdamW peak learning rate (cosine decay)
+    learning_rate: float = _f(0.003, range=(1e-6, 1.0))       # AdamW peak learning rate (cosine decay)
     weight_decay: float = _f(0.0001, range=(0.0, 1.0))        # AdamW weight decay
     val_split: float = _f(0.25, range=(0.0, 0.9))             # fraction of SLIDES held out for validation
     seed: int = _f(0, range=(0, 2**31 - 1))                   # seeds sampling, split, init and augmentation
-    sample_stride_um: float = _f(56.0, range=(1.0, 10000.0))  # step between candidate tile centres, µm
-    min_inside_fraction: float = _f(0.5, range=(0.0, 1.0))    # of a tile's area inside its polygon
-    max_tiles_per_class_per_slide: int = _f(300, range=(1, 1_000_000))  # cap, drawn at random
-    hed_jitter: float = _f(0.05, range=(0.0, 0.5))            # colour augmentation: HED scale half-range (shift 1/20, brightness/contrast 1/2 of it; 0: off)
+    sample_stride_um: float = _f(16.0, range=(1.0, 10000.0))  # lattice step of candidate tile centres in a region, µm
+    min_tiles_per_region: int = _f(4, range=(1, 10000))       # finer lattice (down to 1 px) for regions with fewer centres
+    max_tiles_per_region: int = _f(24, range=(1, 1_000_000))  # cap per annotated region, drawn at random
+    hed_jitter: float = _f(0.2, range=(0.0, 0.5))             # stain augmentation: HED scale half-range (shift 1/20 of it; 0: off)
+    colour_jitter: float = _f(0.1, range=(0.0, 0.5))          # brightness/contrast/saturation half-range; hue ± this × 60° (0: off)
+    blur_max_um: float = _f(1.0, range=(0.0, 10.0))           # half the tiles blurred, Gaussian sigma U(0, this) µm (0: off)
+    scale_jitter: float = _f(0.2, range=(0.0, 0.5))           # crop side × U(1 - this, 1 + this), resized to tile_px
+    jpeg_quality_min: int = _f(60, range=(0, 95))             # half the tiles re-encoded as JPEG, quality U(this, 95) (0: off)
     amp_dtype: str = _f("bf16", choices=("bf16", "fp16"))     # CUDA autocast dtype (CPU trains in float32)
     num_threads: int = _f(0, range=(0, 256))                  # CPU threads for torch (0: torch's default)
 

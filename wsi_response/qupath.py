@@ -51,6 +51,7 @@ class Annotation:
     class_id: str
     geometry: Any  # shapely Polygon | MultiPolygon
     name: str      # the classification name as written in the file
+    region_name: str | None = None  # the annotation's own name (QuPath ``properties.name``), often finer than its class
 
 
 def read_features(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -132,7 +133,9 @@ def read_annotations(path: str | os.PathLike, name_map: Mapping[str, str]
         if geom.is_empty:
             ignored["<empty polygon>"] += 1
             continue
-        out.append(Annotation(class_id=class_id, geometry=geom, name=name))
+        region_name = props.get("name")
+        out.append(Annotation(class_id=class_id, geometry=geom, name=name,
+                              region_name=region_name.strip() or None if isinstance(region_name, str) else None))
     return out, dict(ignored)
 
 
