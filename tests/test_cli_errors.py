@@ -351,3 +351,20 @@ def test_an_internal_error_is_one_line_and_a_log(tmp_path: Path, monkeypatch: py
     (log,) = (tmp_path / "results" / "logs").iterdir()
     assert capsys.readouterr().err == (f"wsi-response: internal error: RuntimeError: unexpected state; "
                                        f"traceback in {log}\n")
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"slide_id": "x", "status": "o', "unreadable slide record (JSONDecodeError); run the slide again"),
+    ("\udcff", "unreadable slide record (UnicodeDecodeError); run the slide again"),
+    ('["x"]', "not a slide record of wsi-response (no status ok, ok_empty or failed); run the slide again"),
+    ('{"slide_id": "x"}', "not a slide record of wsi-response (no status ok, ok_empty or failed); run the slide "
+                          "again"),
+])
+def test_aggregate_names_a_broken_slide_record(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str,
+                                               problem: str) -> None:
+    record = tmp_path / "out" / "S" / "slides" / "x" / "slide.json"
+    record.parent.mkdir(parents=True)
+    record.write_bytes(text.encode("utf-8", "surrogateescape"))
+    assert cli.main(["aggregate", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == f"wsi-response: error: {record}: {problem}\n"
+    assert not (tmp_path / "out" / "S" / "specimen.json").exists()

@@ -370,7 +370,14 @@ def _aggregate_locked(specimen_dir: Path, specimen_id: str, slide_ids: Sequence[
 
 def _slide_json(slide_dir: Path) -> dict[str, Any]:
     """The ``slide.json`` in ``slide_dir``; its ``slide_id`` must be the folder's name (the outputs are found by it)."""
-    record = json.loads((slide_dir / "slide.json").read_text(encoding="utf-8"))
+    path = slide_dir / "slide.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:   # ValueError: not JSON, or not UTF-8
+        raise OutputError(path, f"unreadable slide record ({type(exc).__name__}); run the slide again") from None
+    if not isinstance(record, dict) or record.get("status") not in ("ok", "ok_empty", "failed"):
+        raise OutputError(path, "not a slide record of wsi-response (no status ok, ok_empty or failed); "
+                                "run the slide again")
     if record.get("slide_id") != slide_dir.name:
         raise ConfigError(f"{slide_dir / 'slide.json'}: slide_id {record.get('slide_id')!r} is not the name of its "
                           f"folder {slide_dir.name!r} (moved or renamed by hand?); run the slide again")
