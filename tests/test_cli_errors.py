@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from _batch_data import cli as cli_subprocess
+from _hostile import special_files
 from wsi_response import cli
 
 RUN = ["--device", "cpu", "--quiet", "inference.num_workers=0"]
@@ -73,12 +74,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Finished:
     assert proc.returncode == 0, proc.stderr
     assert json.loads((f.out / SPECIMEN / "slides" / "S1_1" / "slide.json").read_text())["status"] == "ok"
     bad = f.inputs
-    bad.mkdir()
-    os.mkfifo(bad / "fifo")
-    (bad / "loop-a").symlink_to("loop-b")
-    (bad / "loop-b").symlink_to("loop-a")
-    (bad / "folder").mkdir()
-    (bad / "latin1.yaml").write_bytes(b"tiling:\n  # r\xe9sum\xe9\n  tile_px: 224\n")
+    special_files(bad)
     (bad / "laughs.yaml").write_text("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
                                      + "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n"
                                                for p, c in zip("abcdefgh", "bcdefghi")))

@@ -25,6 +25,7 @@ from typing import Callable
 
 import pytest
 
+from _hostile import special_files
 from wsi_response import cli
 from wsi_response.config import Config, config_to_dict
 
@@ -70,15 +71,10 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Finished:
     out = root / "out"
     assert cli.main(["run", str(truth.slides[0].slide_path), "--specimen", SPECIMEN, "--out", str(out), *RUN]) == 0
     special = root / "special"
-    special.mkdir()
-    os.mkfifo(special / "fifo")
-    (special / "loop-a").symlink_to("loop-b")
-    (special / "loop-b").symlink_to("loop-a")
-    (special / "folder").mkdir()
+    special_files(special)
     (special / "empty.svs").write_bytes(b"")
     (special / "text.svs").write_text("not a slide\n")
     (special / "header-only.tif").write_bytes(b"II*\x00" + b"\xff" * 60)
-    (special / "latin1.yaml").write_bytes(b"tiling:\n  # r\xe9sum\xe9\n  tile_px: 224\n")
     (special / "random.yaml").write_bytes(random.Random(1).randbytes(512))
     (special / "bomb.yaml").write_text("a: &a [x, x]\nb: &b [*a, *a]\nc: [*b, *b]\n")
     (special / "deep.yaml").write_text("a: " + "[" * 500 + "]" * 500 + "\n")
