@@ -174,6 +174,5 @@ def test_cli_domain_option(tmp_path):
     assert json.loads((tmp_path / "S" / "S_1.truth.json").read_text())["domain"] == "lab-c"
     bad = subprocess.run(cmd + ["--domain", "lab-z"], capture_output=True, text=True)
     assert bad.returncode == 2
-    assert bad.stderr.splitlines()[-1] == ("wsi-response synth: error: argument --domain: invalid "
-                                           "choice: 'lab-z' (choose from 'default', 'lab-b', "
-                                           "'lab-c')")
+    assert bad.stderr == ("wsi-response: error: argument --domain: invalid choice: 'lab-z' (choose from "
+                          "'default', 'lab-b', 'lab-c') (see `wsi-response synth --help`)\n")

@@ -645,6 +645,7 @@ def _end_children(grace_s: float = 5.0) -> None:
     """Terminate the child processes still running (tile readers, pools), then kill those that stay."""
     import multiprocessing
 
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # torch's DataLoader handler would raise as its workers end
     children = multiprocessing.active_children()
     for child in children:
         child.terminate()

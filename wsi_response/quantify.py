@@ -207,7 +207,7 @@ def slide_areas(grid: TileGrid, predictions: TilePredictions) -> SlideAreas:
     """Per-class areas (mm²) of one slide from its grid and the tiles' (or sub-cells') argmax classes."""
     if len(grid) != len(predictions):
         raise ValueError(f"{len(grid)} tiles in the grid but {len(predictions)} predictions")
-    sub_fraction = None if grid.subcell_fraction is None else grid.subcell_fraction.reshape(len(grid), -1)
+    sub_fraction = None if grid.subcell_fraction is None else grid.subcell_fraction.reshape(len(grid), grid.subcells ** 2)
     return slide_areas_from_tiles(predictions.probs, predictions.class_names, grid.tissue_fraction,
                                   grid.cell_area_mm2, predictions.subcell_probs, sub_fraction,
                                   cols_rows=grid.cols_rows)
