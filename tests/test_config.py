@@ -42,6 +42,8 @@ def test_yaml_and_overrides(tmp_path):
     ("tiling.colour=red", "tiling.colour: unknown key"),
     ("nosection.x=1", "nosection: unknown key"),
     ("inference.device=tpu", "inference.device: 'tpu' is not one of"),
+    ("training.arch=!!binary AAAA", "training.arch: b'\\x00\\x00\\x00' is not text"),
+    ("training.arch=[resnet18]", "training.arch: ['resnet18'] is not text"),
     ("tiling.stride_px=300", "larger than tiling.tile_px"),
     ("justtext", "expected section.key=value"),
 ])

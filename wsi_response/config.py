@@ -304,6 +304,8 @@ def _check(key: str, kind: Any, value: Any, meta: Mapping[str, Any]) -> Any:
             raise ConfigError(f"{key}: {_shown(value)} is out of range [{lo_hi[0]}, {lo_hi[1]}]")
         return kind(value)
     if kind is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):  # bytes (!!binary), lists, dates, null
+            raise ConfigError(f"{key}: {_shown(value)} is not text")
         value = str(value)
         choices = meta.get("choices")
         if choices and value not in choices:
