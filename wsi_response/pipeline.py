@@ -375,12 +375,15 @@ def _slide_json(slide_dir: Path) -> dict[str, Any]:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:   # ValueError: not JSON, or not UTF-8
         raise OutputError(path, f"unreadable slide record ({type(exc).__name__}); run the slide again") from None
-    if not isinstance(record, dict) or record.get("status") not in ("ok", "ok_empty", "failed"):
-        raise OutputError(path, "not a slide record of wsi-response (no status ok, ok_empty or failed); "
+    foreign = OutputError(path, "not a slide record of wsi-response (no status ok, ok_empty or failed); "
                                 "run the slide again")
+    if not isinstance(record, dict):
+        raise foreign
     if record.get("slide_id") != slide_dir.name:
         raise ConfigError(f"{slide_dir / 'slide.json'}: slide_id {record.get('slide_id')!r} is not the name of its "
                           f"folder {slide_dir.name!r} (moved or renamed by hand?); run the slide again")
+    if record.get("status") not in ("ok", "ok_empty", "failed"):
+        raise foreign
     return record
 
 
