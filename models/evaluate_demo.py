@@ -5,7 +5,8 @@
 Truth: every non-overlapping grid tile (224 px at 1.0 µm/px) lying at least half inside a
 full-region annotation (``<stem>.annotations.geojson``) of the synthetic slides ``DIR/*/*.svs``
 (specimens never used in training). Metrics pooled over all folders (``held_out``) and per folder
-(``by_folder``). Tiles are read once and scored by every model.
+(``by_folder``). Tiles are read once (once more stain-normalised for models that read normalised
+tiles) and scored by every model.
 """
 from __future__ import annotations
 
@@ -31,11 +32,15 @@ def main(argv: list[str] | None = None) -> None:
     slides = [s for d in args.held_out for s in sorted(d.glob("*/*.svs"))]
     folder = np.array([next(i for i, d in enumerate(args.held_out) if s.is_relative_to(d)) for s in slides])
     pairs = [(s, s.with_suffix(".annotations.geojson")) for s in slides]
-    data = load_grid_tileset(pairs, cfg)
-    tile_folder = folder[data.slide_index]
+    loaded = {}
     out = {}
     for path in args.models:
         clf = load_classifier(path, cfg.tiling)
+        normalise = clf.stain_normalisation is not None
+        if normalise not in loaded:
+            loaded[normalise] = load_grid_tileset(pairs, cfg, normalise=normalise)
+        data = loaded[normalise]
+        tile_folder = folder[data.slide_index]
         pred = predict_tiles(clf, data.tiles, resolve_device("cpu")).argmax(axis=1)
         out[Path(path).name] = {
             "sha256": clf.sha256,

@@ -7,7 +7,9 @@ whose string metadata key ``"wsi_response"`` holds JSON::
     RGB in [0, 1]), weights_dtype, trained_on {...}, metrics {...}, software_version,
     temperature (probabilities are softmax(logits / temperature); absent: 1),
     validation_error {confusion_matrix, n_per_class, n_tiles, n_slides, axes} or absent
-    (:mod:`wsi_response.calibration`; no validation: the model's error is unknown)
+    (:mod:`wsi_response.calibration`; no validation: the model's error is unknown),
+    stain_normalisation ("macenko": every slide's tiles are mapped onto the reference stains of
+    :mod:`wsi_response.stain` before the model; absent or null: raw RGB)
 
 safetensors never executes code on load (no pickle). A checkpoint whose metadata has a wrong
 type or a value that is not finite (or a std that is not positive), or whose weights hold NaN or
@@ -37,6 +39,7 @@ from .classes import CLASSES
 from .config import TilingConfig
 from .errors import ConfigError, ModelError
 from .inputs import UnreadableInput, file_problem, read_regular_file
+from .stain import SlideStain, apply_stain
 
 __all__ = [
     "FORMAT",
@@ -54,6 +57,7 @@ __all__ = [
 FORMAT = "wsi-response-classifier/1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+STAIN_NORMALISATIONS = (None, "macenko")
 _META_KEY = "wsi_response"
 _MAX_HEADER_BYTES = 100_000_000
 
@@ -74,6 +78,8 @@ class Classifier:
     software_version: str = __version__
     temperature: float = 1.0           # probabilities = softmax(logits / temperature)
     validation_error: Mapping[str, Any] | None = None  # confusion on held-out slides, or None
+    stain_normalisation: str | None = None  # "macenko": fed per-slide stain-normalised tiles
+    slide_stain: SlideStain | None = None   # the stain of the slide being read (not saved)
     path: Path | None = None           # file it was loaded from
     sha256: str | None = None          # of that file
 
@@ -93,6 +99,7 @@ class Classifier:
             "software_version": self.software_version,
             "temperature": self.temperature,
             "validation_error": None if self.validation_error is None else dict(self.validation_error),
+            "stain_normalisation": self.stain_normalisation,
         }
 
     def describe(self) -> dict[str, Any]:
@@ -107,6 +114,7 @@ class Classifier:
             "trained_on": dict(self.trained_on),
             "temperature": self.temperature,
             "validation_error": None if self.validation_error is None else dict(self.validation_error),
+            "stain_normalisation": self.stain_normalisation,
         }
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -126,8 +134,16 @@ class Classifier:
                              "does not match the run config (" + "; ".join(problems)
                              + "); set these in the config or use a model trained for them")
 
+    def for_slide(self, stain: SlideStain | None) -> "Classifier":
+        """This model reading one slide whose stain estimate is ``stain`` (used by :meth:`normalise`)."""
+        return replace(self, slide_stain=stain)
+
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """RGB in [0, 1] ``(n, 3, h, w)`` -> the model's normalised input (in place)."""
+        """RGB in [0, 1] ``(n, 3, h, w)`` -> the model's normalised input: mapped onto the reference
+        stains when :attr:`slide_stain` is set (tiles held in memory are mapped when loaded), then
+        standardised by ``mean``/``std``."""
+        if self.slide_stain is not None:
+            x = apply_stain(x, torch.tensor(self.slide_stain.glass), torch.from_numpy(self.slide_stain.matrix()))
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return x.sub_(mean).div_(std)
@@ -251,6 +267,10 @@ def load_classifier(path: str | os.PathLike, tiling: TilingConfig | None = None)
         raise ModelError(path, f"checkpoint metadata lacks or garbles {exc}") from None
     if not (math.isfinite(temperature) and temperature > 0):
         raise ModelError(path, f"checkpoint metadata: temperature {temperature!r} is not a positive number")
+    stain_normalisation = meta.get("stain_normalisation")
+    if stain_normalisation not in STAIN_NORMALISATIONS:
+        raise ModelError(path, f"checkpoint metadata: stain_normalisation {json.dumps(stain_normalisation)[:60]} "
+                         f"is not one of {', '.join(map(json.dumps, STAIN_NORMALISATIONS))}")
     try:
         model = build_model(arch, len(class_names))
     except ConfigError as exc:
@@ -271,7 +291,7 @@ def load_classifier(path: str | os.PathLike, tiling: TilingConfig | None = None)
     clf = Classifier(model=model, arch=arch, class_names=class_names, target_mpp=target_mpp, tile_px=tile_px,
                      mean=mean, std=std, trained_on=meta["trained_on"], metrics=meta["metrics"],
                      software_version=meta["software_version"], temperature=temperature,
-                     validation_error=validation, path=path,
+                     validation_error=validation, stain_normalisation=stain_normalisation, path=path,
                      sha256=hashlib.sha256(data).hexdigest())
     if tiling is not None:
         clf.check_compatible(tiling)

@@ -127,6 +127,7 @@ class TrainingConfig:
     sample_stride_um: float = _f(16.0, range=(1.0, 10000.0))  # lattice step of candidate tile centres in a region, µm
     min_tiles_per_region: int = _f(4, range=(1, 10000))       # finer lattice (down to 1 px) for regions with fewer centres
     max_tiles_per_region: int = _f(24, range=(1, 1_000_000))  # cap per annotated region, drawn at random
+    stain_normalisation: bool = _f(True)                      # map each slide onto reference stains (Macenko) before the CNN, here and in every run of the model
     hed_jitter: float = _f(0.2, range=(0.0, 0.5))             # stain augmentation: HED scale half-range (shift 1/20 of it; 0: off)
     colour_jitter: float = _f(0.1, range=(0.0, 0.5))          # brightness/contrast/saturation half-range; hue ± this × 60° (0: off)
     blur_max_um: float = _f(1.0, range=(0.0, 10.0))           # half the tiles blurred, Gaussian sigma U(0, this) µm (0: off)

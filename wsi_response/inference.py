@@ -572,6 +572,9 @@ def _check_grid(grid: TileGrid, classifier: Classifier) -> None:
         problems.append(f"grid read_mpp {grid.read_mpp:g} µm/px vs model target_mpp {classifier.target_mpp:g}")
     if grid.tile_px != classifier.tile_px:
         problems.append(f"grid tile_px {grid.tile_px} vs model tile_px {classifier.tile_px}")
+    if classifier.stain_normalisation and classifier.slide_stain is None:
+        problems.append(f"the model reads {classifier.stain_normalisation}-normalised tiles and no stain "
+                        "estimate of the slide was given (Classifier.for_slide)")
     if problems:
         raise ModelError(classifier.path or classifier.arch, "does not fit the tile grid: " + "; ".join(problems))
 

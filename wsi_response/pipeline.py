@@ -40,6 +40,7 @@ from .locks import specimen_locks
 from .quantify import SlideAreas, slide_areas, slide_areas_from_tiles, specimen_areas
 from .report import box_thumbnail, heatmap_png, mask_on_thumbnail, overlay_png, render_report
 from .slide import Slide, open_slide
+from .stain import grid_stain
 from .store import TilePredictions, TileStoreError, read_tile_store
 from .tiling import TileGrid, tile_grid
 from .tissue import Overview, TissueMask, detect_tissue, possible_tissue, read_overview, stained_px
@@ -155,6 +156,8 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
 
         t1 = time.perf_counter()
         stage("inference")
+        stain = grid_stain(slide, grid, overview.glass) if classifier.stain_normalisation else None
+        classifier = classifier.for_slide(stain)
         slide_dir.mkdir(parents=True, exist_ok=True)
         if len(grid):
             predictions = predict(
@@ -217,6 +220,7 @@ def process_slide(path: str | Path, slide_id: str, slide_dir: Path, classifier: 
                      "read_level": grid.read_level, "cell_area_mm2": grid.cell_area_mm2,
                      "refine": "none" if grid.subcell_fraction is None else "dense", "subcells": grid.subcells},
             "tissue_mask_area_mm2": mask.area_mm2,
+            "stain_normalisation": stain.record() if stain else None,
             "artefacts": {"areas_mm2": artefact_areas, "excluded_tiles": {
                 "near_white": int(white.sum()), "near_black": int(black.sum())}},
             "timing": {k: round(v, 3) for k, v in timings.items()},

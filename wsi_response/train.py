@@ -175,7 +175,7 @@ def evaluate_annotated(classifier: Classifier, pairs: Sequence[tuple[Path, Path]
     """Tile-level metrics on annotated slides: every non-overlapping grid tile at least half inside
     one class's annotations, with recall per annotation name."""
     classifier.check_compatible(cfg.tiling)
-    data = load_grid_tileset(pairs, cfg)
+    data = load_grid_tileset(pairs, cfg, normalise=classifier.stain_normalisation is not None)
     probs = predict_tiles(classifier, data.tiles, resolve_device(device))
     return {**classification_metrics(data.labels, probs.argmax(axis=1), data.names), "slides": list(data.slide_names)}
 
@@ -220,7 +220,8 @@ def train_classifier(slides: Sequence[str | os.PathLike], annotations: Sequence[
         torch.backends.cudnn.deterministic = True
         model = model.to(memory_format=torch.channels_last)
     clf = Classifier(model=model, arch=tr.arch, class_names=CLASSES, target_mpp=cfg.tiling.target_mpp,
-                     tile_px=cfg.tiling.tile_px, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                     tile_px=cfg.tiling.tile_px, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                     stain_normalisation="macenko" if tr.stain_normalisation else None)
     amp = autocast_dtype(dev) if tr.amp_dtype == "bf16" else (torch.float16 if dev.type == "cuda" else None)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     opt = torch.optim.AdamW(model.parameters(), lr=tr.learning_rate, weight_decay=tr.weight_decay)
@@ -298,6 +299,7 @@ def train_classifier(slides: Sequence[str | os.PathLike], annotations: Sequence[
         "config": {"tiling": config_to_dict(cfg.tiling), "training": config_to_dict(tr)},
         "weights": str(weights) if weights else ("timm published" if tr.pretrained else None),
         "ignored_annotations": data.ignored,
+        "stains": {name: st.record() if st else None for name, st in zip(data.slide_names, data.stains)},
         "trained_on": dict(clf.trained_on), "history": history, "metrics": metrics,
         "calibration": calibration, "reliability_png": None,
     }

@@ -36,6 +36,7 @@ from .classes import CLASSES
 from .config import Config, TilingConfig
 from .qupath import Annotation, read_annotations
 from .slide import Slide, open_slide
+from .stain import SlideStain, normalise_uint8, tissue_stain
 from .tiling import TileGrid, TileReader, tile_grid
 from .tissue import TissueMask
 
@@ -64,6 +65,7 @@ class TileSet:
     regions: tuple[Region, ...]
     slide_names: tuple[str, ...]
     ignored: dict[str, int]       # annotation names/kinds not used, with counts (all files)
+    stains: tuple[SlideStain | None, ...] = ()  # per slide: the stain its tiles were mapped from (None: raw)
 
     @property
     def slide_index(self) -> np.ndarray:
@@ -172,9 +174,11 @@ def _read(slide: Slide, grid: TileGrid) -> np.ndarray:
 
 
 def _load(pairs: Sequence[tuple[Path, Path]], cfg: Config, sample: Callable, tile_side: int,
-          log: Log | None) -> TileSet:
-    """Shared loop: ``sample(slide, annotations, slide_no) -> (grid, region ids within slide)`` per pair."""
-    tiles, region, regions, names = [], [], [], []
+          normalise: bool, log: Log | None) -> TileSet:
+    """Shared loop: ``sample(slide, annotations, slide_no) -> (grid, region ids within slide)`` per
+    pair; with ``normalise``, each slide's tiles are mapped onto the reference stains
+    (:func:`~wsi_response.stain.tissue_stain`, as a run maps them)."""
+    tiles, region, regions, names, stains = [], [], [], [], []
     ignored: dict[str, int] = {}
     for i, (slide_path, ann_path) in enumerate(pairs):
         annotations, skipped = read_annotations(ann_path, cfg.annotations.name_map)
@@ -182,7 +186,9 @@ def _load(pairs: Sequence[tuple[Path, Path]], cfg: Config, sample: Callable, til
             ignored[k] = ignored.get(k, 0) + v
         with open_slide(slide_path) as slide:
             grid, rid = sample(slide, annotations, i)
-            tiles.append(_read(slide, grid) if len(grid) else np.zeros((0, tile_side, tile_side, 3), np.uint8))
+            read = _read(slide, grid) if len(grid) else np.zeros((0, tile_side, tile_side, 3), np.uint8)
+            stains.append(tissue_stain(slide, cfg) if normalise else None)
+            tiles.append(normalise_uint8(read, stains[-1]) if normalise else read)
         region.append(rid + len(regions))
         regions.extend(Region(i, CLASSES.index(a.class_id), a.region_name or a.name) for a in annotations)
         names.append(Path(slide_path).name)
@@ -195,11 +201,12 @@ def _load(pairs: Sequence[tuple[Path, Path]], cfg: Config, sample: Callable, til
         else np.zeros(0, np.int64)
     return TileSet(tiles=np.concatenate(tiles) if tiles else np.zeros((0, tile_side, tile_side, 3), np.uint8),
                    labels=labels, region=region_all, regions=tuple(regions), slide_names=tuple(names),
-                   ignored=ignored)
+                   ignored=ignored, stains=tuple(stains))
 
 
 def load_tileset(pairs: Sequence[tuple[Path, Path]], cfg: Config, log: Log | None = None) -> TileSet:
-    """Training tiles of every (slide, annotation file) pair, read with context (:func:`context_px`)."""
+    """Training tiles of every (slide, annotation file) pair, read with context (:func:`context_px`),
+    stain-normalised when ``training.stain_normalisation``."""
     tr = cfg.training
     side = context_px(cfg.tiling, tr.scale_jitter)
     seeds = np.random.SeedSequence([tr.seed, 1]).spawn(len(pairs))
@@ -214,13 +221,14 @@ def load_tileset(pairs: Sequence[tuple[Path, Path]], cfg: Config, log: Log | Non
         cells = np.concatenate(per_region) if per_region else np.zeros((0, 2), np.int64)
         return _grid_at(slide, cfg.tiling, side, 1, cells), rid
 
-    return _load(pairs, cfg, sample, side, log)
+    return _load(pairs, cfg, sample, side, tr.stain_normalisation, log)
 
 
 def load_grid_tileset(pairs: Sequence[tuple[Path, Path]], cfg: Config, min_inside_fraction: float = 0.5,
-                      log: Log | None = None) -> TileSet:
+                      normalise: bool = False, log: Log | None = None) -> TileSet:
     """Evaluation tiles: every non-overlapping ``tile_px`` grid tile lying at least
-    ``min_inside_fraction`` inside exactly one class's annotations (centre included)."""
+    ``min_inside_fraction`` inside exactly one class's annotations (centre included), stain-normalised
+    with ``normalise`` (for a model that reads normalised tiles)."""
     import shapely
 
     px = cfg.tiling.tile_px
@@ -248,7 +256,7 @@ def load_grid_tileset(pairs: Sequence[tuple[Path, Path]], cfg: Config, min_insid
         idx = idx[inside >= min_inside_fraction]
         return grid.subset(np.isin(np.arange(len(grid)), idx)), holder[idx]
 
-    return _load(pairs, cfg, sample, px, log)
+    return _load(pairs, cfg, sample, px, normalise, log)
 
 
 def epoch_weights(data: TileSet) -> np.ndarray:
