@@ -131,3 +131,15 @@ def test_a_normalising_model_needs_the_slides_stain(tmp_path, synth_tiff_slide):
     x = torch.rand(2, 3, 8, 8)
     assert torch.equal(clf.normalise(x.clone()), Classifier(**{**clf.__dict__, "stain_normalisation": None})
                        .normalise(x.clone()))  # no slide stain: mean/std only (tiles mapped when loaded)
+
+
+def test_a_run_records_the_stain_it_used(tmp_path, synth_tiff_slide):
+    from wsi_response.pipeline import process_slide
+
+    clf = _normalising(tmp_path)
+    record = process_slide(synth_tiff_slide.slide_path, "s", tmp_path / "s", clf, Config())
+    assert record["status"] == "ok" and record["n_tiles"] > 0
+    stain = record["stain_normalisation"]
+    assert stain["method"] == "macenko" and len(stain["stain_od"]) == 2
+    assert json.loads((tmp_path / "s" / "slide.json").read_text())["stain_normalisation"] == stain
+    assert record["model"]["stain_normalisation"] == "macenko"
