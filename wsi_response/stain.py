@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 if TYPE_CHECKING:
+    import torch
+
     from .config import Config
     from .slide import Slide
     from .tiling import TileGrid
@@ -153,6 +154,8 @@ def tissue_stain(slide: "Slide", cfg: "Config") -> SlideStain:
 def apply_stain(x: torch.Tensor, glass: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """RGB in [0, 1] ``(n, 3, h, w)`` of a slide with glass colour ``glass`` (3,) or (n, 3)
     (8-bit) mapped with ``matrix`` (3, 3) or (n, 3, 3) onto the reference; RGB in [0, 1] out."""
+    import torch
+
     g = glass.to(x.device, torch.float32).reshape(-1, 3, 1, 1)
     od = torch.log(g / (x * 255.0).clamp_min(1.0)).clamp_min(0.0)
     m = matrix.to(x.device, torch.float32)
@@ -162,6 +165,8 @@ def apply_stain(x: torch.Tensor, glass: torch.Tensor, matrix: torch.Tensor) -> t
 
 def normalise_uint8(tiles: np.ndarray, stain: SlideStain, batch: int = 256) -> np.ndarray:
     """uint8 tiles ``(n, h, w, 3)`` of one slide mapped onto the reference (uint8, new array)."""
+    import torch
+
     out = np.empty_like(tiles)
     glass, matrix = torch.tensor(stain.glass), torch.from_numpy(stain.matrix())
     for s in range(0, len(tiles), batch):
