@@ -152,14 +152,13 @@ def tissue_stain(slide: "Slide", cfg: "Config") -> SlideStain:
 
 
 def apply_stain(x: torch.Tensor, glass: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """RGB in [0, 1] ``(n, 3, h, w)`` of a slide with glass colour ``glass`` (3,) or (n, 3)
-    (8-bit) mapped with ``matrix`` (3, 3) or (n, 3, 3) onto the reference; RGB in [0, 1] out."""
+    """RGB in [0, 1] ``(n, 3, h, w)`` of one slide with glass colour ``glass`` (3,) (8-bit) mapped
+    with ``matrix`` (3, 3) onto the reference; RGB in [0, 1] out."""
     import torch
 
-    g = glass.to(x.device, torch.float32).reshape(-1, 3, 1, 1)
+    g = glass.to(x.device, torch.float32).view(1, 3, 1, 1)
     od = torch.log(g / (x * 255.0).clamp_min(1.0)).clamp_min(0.0)
-    m = matrix.to(x.device, torch.float32)
-    out = torch.einsum("nchw,ncd->ndhw", od, m.expand(x.shape[0], 3, 3) if m.dim() == 2 else m)
+    out = torch.einsum("nchw,cd->ndhw", od, matrix.to(x.device, torch.float32))
     return torch.exp(-out).clamp_(0.0, 1.0)
 
 
@@ -167,10 +166,11 @@ def normalise_uint8(tiles: np.ndarray, stain: SlideStain, batch: int = 256) -> n
     """uint8 tiles ``(n, h, w, 3)`` of one slide mapped onto the reference (uint8, new array)."""
     import torch
 
+    from .classifier import to_unit_float
+
     out = np.empty_like(tiles)
     glass, matrix = torch.tensor(stain.glass), torch.from_numpy(stain.matrix())
     for s in range(0, len(tiles), batch):
-        x = torch.from_numpy(np.ascontiguousarray(tiles[s:s + batch])).permute(0, 3, 1, 2).float().div_(255.0)
-        y = apply_stain(x, glass, matrix)
+        y = apply_stain(to_unit_float(torch.from_numpy(np.ascontiguousarray(tiles[s:s + batch]))), glass, matrix)
         out[s:s + batch] = y.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return out
