@@ -6,7 +6,7 @@ import pytest
 
 from wsi_response.calibration import calibrate, fit_temperature, reliability, softmax, validation_error
 from wsi_response.classes import CLASSES
-from wsi_response.model_error import (block_ids, confusion_draws, corrected_areas, slide_concentration,
+from wsi_response.model_error import (block_ids, confusion_draws, corrected_areas, error_groups, slide_concentration,
                                       true_shares)
 from wsi_response.quantify import specimen_areas, slide_areas_from_tiles, viable_percent_ci95
 
@@ -97,7 +97,7 @@ def test_correction_and_interval_move_against_the_known_bias():
     assert abs(100 * corrected[V] / corrected[:3].sum() - truth) < 0.6 * (measured - truth)
     tau = slide_concentration(block(per_slide))
     assert tau == pytest.approx(99.0)  # homogeneous slides: rho at its floor 0.01
-    draws = confusion_draws([(pred, np.full(len(pred), CELL_MM2), block_ids(cols_rows, CELL_MM2))], counts, tau)
+    draws = confusion_draws([error_groups(pred, np.full(len(pred), CELL_MM2), block_ids(cols_rows, CELL_MM2))], counts, tau)
     assert draws.shape == (1000,) and not np.isnan(draws).any()
     result = specimen_areas([specimen(pred, cols_rows)], validation_error=block(per_slide))
     lo, hi = result.viable_percent_ci95
@@ -149,3 +149,25 @@ def test_slide_concentration_from_per_slide_counts():
     rho = (between - within) / (between + 49 * within)
     assert slide_concentration({"per_slide": per_slide.tolist()}) == pytest.approx(1 / rho - 1)
     assert slide_concentration({"confusion_matrix": per_slide.sum(axis=0).tolist()}) == pytest.approx(9.0)  # 1 / 0.1 - 1
+
+
+def test_validated_interval_is_drawn_around_the_sub_cell_areas_it_reports():
+    """Tiles called fibrosis whose 3 x 3 sub-cells are mostly viable (a border the sub-cells
+    resolve): the interval must be drawn from the sub-cells' areas, as the corrected estimate is."""
+    rng = np.random.default_rng(4)
+    _, pred, cols_rows, per_slide = simulated_specimen(rng, viable=0.1)
+    n, kk = len(pred), 9
+    probs = np.eye(4, dtype=np.float32)[pred]
+    sub = np.repeat(probs[:, None, :], kk, axis=1)
+    flip = np.flatnonzero(pred == F)[: (pred == F).sum() // 2]
+    sub[flip, :6] = np.eye(4, dtype=np.float32)[V]  # 6 of 9 sub-cells of half the fibrosis tiles: viable
+    slide = slide_areas_from_tiles(probs, CLASSES, np.ones(n, np.float32), CELL_MM2, sub,
+                                   np.ones((n, kk), np.float32), cols_rows=cols_rows)
+    tile_level = specimen_areas([specimen(pred, cols_rows)], validation_error=block(per_slide))
+    result = specimen_areas([slide], validation_error=block(per_slide))
+    assert result.viable_percent > tile_level.viable_percent + 5  # the sub-cells moved the areas
+    lo, hi = result.viable_percent_ci95
+    assert lo <= result.viable_percent_corrected <= hi
+    assert abs((lo + hi) / 2 - result.viable_percent_corrected) < 0.25 * (hi - lo)
+    assert not tile_level.viable_percent_ci95[0] <= result.viable_percent_corrected <= tile_level.viable_percent_ci95[1]
+    assert slide.error_groups.tiles.sum() == pytest.approx(n)  # sub-cells count 1/9 tile each

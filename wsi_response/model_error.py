@@ -15,6 +15,7 @@ true class, tau = 1 / rho - 1.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -22,7 +23,8 @@ import numpy as np
 from .classes import CLASSES, TUMOR_BED
 
 __all__ = ["PRIOR", "BLOCK_MM", "BLOCK_CONCENTRATION", "METHOD_VALIDATED", "METHOD_TILE_PROBABILITIES",
-           "RHO_DEFAULT", "confusion_counts", "slide_concentration", "block_ids", "true_shares", "corrected_areas", "confusion_draws"]
+           "RHO_DEFAULT", "ErrorGroups", "confusion_counts", "slide_concentration", "block_ids", "error_groups",
+           "true_shares", "corrected_areas", "confusion_draws"]
 
 PRIOR = 0.5                 # Dirichlet pseudo-count per confusion cell (Jeffreys prior)
 BLOCK_MM = 1.0              # side of the square blocks whose tiles share one error mix, mm
@@ -121,15 +123,45 @@ def corrected_areas(predicted_areas_mm2: np.ndarray, counts: np.ndarray) -> np.n
     return true_shares(np.asarray(predicted_areas_mm2, np.float64) / total, rates) * total
 
 
-def confusion_draws(tile_sets: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], counts: np.ndarray,
-                    slide_tau: float, seed: int = 0, draws: int = 1000) -> np.ndarray:
+@dataclass(frozen=True, eq=False)  # numpy fields
+class ErrorGroups:
+    """One slide's counted area grouped by (spatial block, predicted class): the units whose true
+    classes the validated interval draws."""
+
+    pred: np.ndarray      # (G,) int64 predicted class
+    tiles: np.ndarray     # (G,) float64 tile-equivalents (a sub-cell is 1/k² of a tile)
+    area_mm2: np.ndarray  # (G,) float64 tissue area, mm²
+
+
+def error_groups(labels: np.ndarray, weights_mm2: np.ndarray, blocks: np.ndarray,
+                 tile_share: float = 1.0) -> ErrorGroups:
+    """Group area units (tiles, or sub-cells with ``tile_share`` = 1/k²) with tissue by block and
+    predicted class: the same labels and areas as the reported class areas, so the interval is drawn
+    around the areas it reports."""
+    c = len(CLASSES)
+    has = np.asarray(weights_mm2) > 0
+    key = np.asarray(blocks, np.int64)[has] * c + np.asarray(labels, np.int64)[has]
+    uniq, inverse = np.unique(key, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    return ErrorGroups(pred=(uniq % c).astype(np.int64),
+                       tiles=np.bincount(inverse, minlength=len(uniq)) * float(tile_share),
+                       area_mm2=np.bincount(inverse, weights=np.asarray(weights_mm2, np.float64)[has],
+                                            minlength=len(uniq)))
+
+
+def confusion_draws(groups: Sequence[ErrorGroups], counts: np.ndarray, slide_tau: float, seed: int = 0,
+                    draws: int = 1000) -> np.ndarray:
     """``draws`` seeded draws (float64) of the TRUE viable % of the bed given the validated confusion
     ``counts`` and the between-slide concentration ``slide_tau`` (:func:`slide_concentration`;
-    steps 1-4 in :mod:`quantify`); NaN where a draw's bed is empty.
-
-    ``tile_sets``: per slide ``(predicted class (N,), tissue area mm² (N,), block id (N,))``.
+    steps 1-4 in :mod:`quantify`); NaN where a draw's bed is empty. ``groups``: one per slide
+    (:func:`error_groups`); a group's tiles are drawn as its tile-equivalents rounded (at least 1),
+    each with the group's mean area.
     """
-    pred, n_tiles, area = _groups(tile_sets)
+    if not groups:
+        return np.full(draws, np.nan)
+    pred = np.concatenate([g.pred for g in groups])
+    area = np.concatenate([g.area_mm2 for g in groups])
+    n_tiles = np.maximum(1, np.rint(np.concatenate([g.tiles for g in groups]))).astype(np.int64)
     total = float(area.sum())
     if total <= 0:
         return np.full(draws, np.nan)
@@ -155,21 +187,3 @@ def confusion_draws(tile_sets: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray
         viable, bed = true_areas[:, _VIABLE], true_areas[:, _BED].sum(axis=1)
         percents.append(np.divide(100.0 * viable, bed, out=np.full(d, np.nan), where=bed > 0))
     return np.concatenate(percents)
-
-
-def _groups(tile_sets: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Tiles with tissue grouped by (slide, block, predicted class): predicted class (G,), tile count
-    (G,), tissue area (G,) mm²."""
-    preds, ns, areas = [], [], []
-    c = len(CLASSES)
-    for labels, weights, blocks in tile_sets:
-        has = np.asarray(weights) > 0
-        key = np.asarray(blocks, np.int64)[has] * c + np.asarray(labels, np.int64)[has]
-        uniq, inverse = np.unique(key, return_inverse=True)
-        preds.append(uniq % c)
-        ns.append(np.bincount(inverse, minlength=len(uniq)))
-        areas.append(np.bincount(inverse, weights=np.asarray(weights, np.float64)[has], minlength=len(uniq)))
-    if not preds:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
-    return np.concatenate(preds), np.concatenate(ns), np.concatenate(areas)

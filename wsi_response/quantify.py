@@ -12,7 +12,9 @@ the whole 224 µm cell. Measured with true labels instead of the model's on thre
 given its true majority class), this discretisation moves the viable % by +0.71, +2.89, +1.39 pp
 with whole cells and −0.05, +0.11, +0.13 pp with 7 × 7 sub-cells. It does not remove the
 classifier's own error, which dominates the real error (the sub-cells' classes come from the same
-model, seeing 96 µm of context each). The interval below still draws whole tiles.
+model, seeing 96 µm of context each). The validated interval below draws the same units' classes
+(sub-cells grouped by block and class, counted as tile-equivalents), so it is drawn around the
+areas reported.
 These are exactly the areas of the class regions drawn by :mod:`wsi_response.regions` (which
 draws the sub-cells). The tumor bed is
 viable_tumor + necrosis + fibrosis; percentages are of the bed, ``None`` when the bed is empty.
@@ -35,13 +37,14 @@ measured ``viable_percent``. Each of ``CI_DRAWS`` seeded draws of the specimen:
 2. estimates the specimen's true class mix from its predicted areas under those rates (EM of the
    mixture weights), so a specimen's mix may differ from the validation's (a 0 % specimen is not
    credited with the validation's viable tumor), and from it ``P(true t | pred k)``;
-3. groups the tiles by slide, spatial block (squares of ``BLOCK_MM`` = 1 mm) and predicted class,
-   and draws each group's mix of true classes once, Dirichlet(``BLOCK_CONCENTRATION`` (10) ×
+3. groups the counted area (the tiles, or their sub-cells, with the classes and areas that make
+   the reported areas) by slide, spatial block (squares of ``BLOCK_MM`` = 1 mm) and predicted
+   class, and draws each group's mix of true classes once, Dirichlet(``BLOCK_CONCENTRATION`` (10) ×
    ``P(true | pred)``): neighbouring tiles are wrong together, so errors do not average away
    within a block (a block's error rate has a standard deviation of about 1/3.3 of its
    ``sqrt(rate (1 - rate))``: rates of 5 % vary between blocks from about 0 to 20 %);
-4. draws each group's tiles' true classes from that mix (multinomial over its tiles, each counted
-   with the group's mean tissue area): the per-tile sampling, with validated probabilities in
+4. draws each group's tiles' true classes from that mix (multinomial over its tile-equivalents,
+   sub-cells counting 1/k² of a tile, each with the group's mean tissue area): the per-tile sampling, with validated probabilities in
    place of the model's own;
 5. adds the spread of the tile-probability draws below (each draw minus their mean), so the
    interval is never narrower than the model's own stated uncertainty (ambiguous tiles of a small
@@ -92,8 +95,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .classes import CLASSES, TUMOR_BED
-from .model_error import (METHOD_TILE_PROBABILITIES, METHOD_VALIDATED, block_ids, confusion_counts,
-                          confusion_draws, corrected_areas, slide_concentration)
+from .model_error import (METHOD_TILE_PROBABILITIES, METHOD_VALIDATED, ErrorGroups, block_ids, confusion_counts,
+                          confusion_draws, corrected_areas, error_groups, slide_concentration)
 from .store import TilePredictions
 from .tiling import TileGrid
 
@@ -163,11 +166,12 @@ class _BedAreas:
 
 @dataclass(frozen=True, eq=False)  # numpy fields: compare the arrays explicitly
 class SlideAreas(_BedAreas):
-    """Class areas of one slide, with its tiles' probabilities and areas for the interval."""
+    """Class areas of one slide, with its tiles' probabilities and areas and its area units grouped
+    by block and class for the interval."""
 
     tile_probs: np.ndarray = field(repr=False)         # (N, len(CLASSES)) float32
     tile_weights_mm2: np.ndarray = field(repr=False)   # (N,) float64 tissue area, mm²
-    tile_blocks: np.ndarray = field(repr=False)        # (N,) int64 spatial block (model_error.BLOCK_MM)
+    error_groups: ErrorGroups = field(repr=False)      # the counted areas by block (model_error.BLOCK_MM) and class
 
 
 @dataclass(frozen=True)
@@ -227,7 +231,8 @@ def slide_areas_from_tiles(probs: np.ndarray, class_names: Sequence[str], tissue
     weights_mm2 = np.asarray(tissue_fraction, np.float64) * cell_area_mm2
     if len(weights_mm2) != len(probs):
         raise ValueError(f"{len(probs)} probability rows but {len(weights_mm2)} tissue fractions")
-    labels, area_weights_mm2 = np.argmax(probs, axis=1), weights_mm2
+    blocks = np.arange(len(probs), dtype=np.int64) if cols_rows is None else block_ids(cols_rows, cell_area_mm2)
+    labels, area_weights_mm2, area_blocks, kk = np.argmax(probs, axis=1), weights_mm2, blocks, 1
     if subcell_probs is not None:
         kk = subcell_probs.shape[1]
         if subcell_fraction is None or subcell_fraction.shape != (len(probs), kk):
@@ -236,10 +241,11 @@ def slide_areas_from_tiles(probs: np.ndarray, class_names: Sequence[str], tissue
         sub = _canonical_probs(np.asarray(subcell_probs).reshape(-1, subcell_probs.shape[2]), tuple(class_names))
         labels = np.argmax(sub, axis=1)
         area_weights_mm2 = np.asarray(subcell_fraction, np.float64).reshape(-1) * (cell_area_mm2 / kk)
+        area_blocks = np.repeat(blocks, kk)
     areas = np.bincount(labels, weights=area_weights_mm2, minlength=len(CLASSES))
-    blocks = np.arange(len(probs), dtype=np.int64) if cols_rows is None else block_ids(cols_rows, cell_area_mm2)
     return SlideAreas(areas_mm2=areas.astype(np.float64), tissue_area_mm2=float(area_weights_mm2.sum()),
-                      tile_probs=probs, tile_weights_mm2=weights_mm2, tile_blocks=blocks)
+                      tile_probs=probs, tile_weights_mm2=weights_mm2,
+                      error_groups=error_groups(labels, area_weights_mm2, area_blocks, 1.0 / kk))
 
 
 def specimen_areas(slides: Sequence[SlideAreas], seed: int = 0, draws: int = CI_DRAWS,
@@ -262,9 +268,8 @@ def specimen_areas(slides: Sequence[SlideAreas], seed: int = 0, draws: int = CI_
         method = METHOD_VALIDATED
         counts = confusion_counts(validation_error)
         if viable is not None:
-            validated = confusion_draws([(np.argmax(s.tile_probs, axis=1), s.tile_weights_mm2, s.tile_blocks)
-                                         for s in slides], counts, slide_concentration(validation_error),
-                                        seed + 1, draws)
+            validated = confusion_draws([s.error_groups for s in slides], counts,
+                                        slide_concentration(validation_error), seed + 1, draws)
             spread = viable_percent_draws(tile_probs, seed, draws)
             if not np.isnan(spread).all():
                 validated = validated + (spread - np.nanmean(spread))
