@@ -162,7 +162,7 @@ def test_specimen_sums_subtypes_and_unknown_domain_is_refused(tmp_path):
             assert area == pytest.approx(sum(s.subtype_areas_mm2[c].get(name, 0.0)
                                              for s in spec.slides))
     with pytest.raises(ValueError, match=r"^unknown domain 'lab-z'; choose from default, "
-                                         r"lab-b, lab-c$"):
+                                         r"lab-b, lab-c, random$"):
         synth.synth_slide(tmp_path / "z.svs", domain="lab-z")
 
 
@@ -175,4 +175,31 @@ def test_cli_domain_option(tmp_path):
     bad = subprocess.run(cmd + ["--domain", "lab-z"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr == ("wsi-response: error: argument --domain: invalid choice: 'lab-z' (choose from "
-                          "'default', 'lab-b', 'lab-c') (see `wsi-response synth --help`)\n")
+                          "'default', 'lab-b', 'lab-c', 'random') (see `wsi-response synth --help`)\n")
+
+
+def test_random_domain_draws_its_own_setting_per_slide(tmp_path):
+    from wsi_response.synth_domains import RANDOM, resolve_domain
+
+    drawn = [resolve_domain(RANDOM, seed) for seed in range(40)]
+    assert resolve_domain(RANDOM, 7) == drawn[7]  # the seed fixes the draw
+    nuc = np.array([d.nuc_scale for d in drawn])
+    density = np.array([d.density for d in drawn])
+    assert 0.8 <= nuc.min() and nuc.max() <= 1.3 and nuc.max() - nuc.min() > 0.3
+    assert 0.7 <= density.min() and density.max() <= 1.3 and density.max() - density.min() > 0.4
+    for name in ("lab-b", "lab-c"):  # the ranges hold the named domains' values
+        assert 0.8 <= DOMAINS[name].nuc_scale <= 1.3 and 0.7 <= DOMAINS[name].density <= 1.3
+    assert {n for n, _ in drawn[0].subtypes} == {s.name for s in SUBTYPES}
+    main = {max((w, n) for n, w in d.subtypes if SUBTYPE_BY_NAME[n].cls == "viable_tumor")[1] for d in drawn}
+    assert len(main) == 4  # every viable sub-type is the main one of some slide
+    assert sum(d.blur_um > 0 for d in drawn) and sum(d.sharpen > 0 for d in drawn)
+
+    a = synth.synth_slide(tmp_path / "r1.svs", size_px=SIZE, mpp=MPP, seed=5, domain=RANDOM)
+    b = synth.synth_slide(tmp_path / "r2.svs", size_px=SIZE, mpp=MPP, seed=6, domain=RANDOM)
+    docs = [json.loads(t.truth_path.read_text()) for t in (a, b)]
+    assert [d["domain"] for d in docs] == [RANDOM, RANDOM]
+    assert docs[0]["morphology"] == {"nuc_scale": round(resolve_domain(RANDOM, 5).nuc_scale, 4),
+                                     "density": round(resolve_domain(RANDOM, 5).density, 4)}
+    assert docs[0]["scanner"] != docs[1]["scanner"] and docs[0]["morphology"] != docs[1]["morphology"]
+    with pytest.raises(ValueError, match="choose from default, lab-b, lab-c, random"):
+        synth.synth_slide(tmp_path / "x.svs", size_px=SIZE, mpp=MPP, domain="lab-z")

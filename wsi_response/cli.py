@@ -94,9 +94,9 @@ def _gpus(text: str) -> str:
 
 
 def _synth_domains() -> tuple[str, ...]:
-    from .synth_domains import DOMAINS
+    from .synth_domains import domain_names
 
-    return tuple(DOMAINS)
+    return domain_names()
 
 
 def _size(text: str) -> tuple[int, int]:

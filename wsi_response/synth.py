@@ -55,7 +55,7 @@ import numpy as np
 from .atomic import atomic_open, write_atomic
 from .classes import CLASSES, TUMOR_BED, qupath_classification
 from .ids import check_inside, check_specimen_id
-from .synth_domains import DOMAINS, Domain, Scanner, draw_scanner, split_subtypes
+from .synth_domains import DOMAINS, Domain, Scanner, domain_names, draw_scanner, resolve_domain, split_subtypes
 from .synth_textures import SUBTYPES, build_atlas, periodic_noise, smooth_noise
 
 __all__ = [
@@ -758,13 +758,11 @@ def synth_slide(
     (``None``: drawn from ``seed``); ``fmt`` is ``"svs"`` (Aperio) or ``"tiff"`` (generic TIFF,
     MPP in resolution tags only); ``artefacts`` is a subset of :data:`ARTEFACTS`, drawn from
     ``seed`` (none: the same bytes as without the argument); ``domain`` names a generator
-    setting of :data:`DOMAINS` (staining, scanner, morphology, tissue sub-types; ``jpeg_quality``
-    ``None``: the domain's). Returns the :class:`SlideTruth` (areas exact, from the label and
+    setting of :data:`DOMAINS`, or "random" for one drawn from ``seed`` (staining, scanner,
+    morphology, tissue sub-types; ``jpeg_quality`` ``None``: the domain's). Returns the :class:`SlideTruth` (areas exact, from the label and
     artefact rasters; per sub-type too outside the default domain).
     """
-    if domain not in DOMAINS:
-        raise ValueError(f"unknown domain {domain!r}; choose from {', '.join(DOMAINS)}")
-    dom = DOMAINS[domain]
+    dom = resolve_domain(domain, seed)
     if jpeg_quality is None:
         jpeg_quality = dom.jpeg_quality
     if fmt not in ("svs", "tiff"):
@@ -868,6 +866,7 @@ def synth_slide(
         doc["domain"] = dom.name
         doc["jpeg_quality"] = int(jpeg_quality)
         doc["scanner"] = scanner.record()
+        doc["morphology"] = {"nuc_scale": round(dom.nuc_scale, 4), "density": round(dom.density, 4)}
     if art is not None:
         truth_bits = art & np.uint8(_RIM_BIT - 1)
         art_path = Path(f"{stem}.artefacts.png")
@@ -900,8 +899,8 @@ def synth_specimen(
     with their truth files and ``specimen.truth.json``. Every slide gets the same target
     ``viable_fraction`` (``None``: drawn once from ``seed``), the same ``artefacts`` kinds and the
     same ``domain`` (each slide its own jitter within it); the truth records exact values."""
-    if domain not in DOMAINS:
-        raise ValueError(f"unknown domain {domain!r}; choose from {', '.join(DOMAINS)}")
+    if domain not in domain_names():
+        raise ValueError(f"unknown domain {domain!r}; choose from {', '.join(domain_names())}")
     if int(n_slides) < 1:
         raise ValueError(f"n_slides must be >= 1, not {n_slides}")
     folder = Path(out_dir) / check_specimen_id(specimen_id, "specimen_id")
@@ -931,7 +930,7 @@ def synth_specimen(
         "tumor_bed_area_mm2": float(sum(areas[c] for c in TUMOR_BED)),
         "viable_percent": _viable_percent(areas),
     }
-    if not DOMAINS[domain].legacy:
+    if domain != "default":
         doc["domain"] = domain
         doc["subtype_areas_mm2"] = {c: {} for c in CLASSES}
         for s in slides:

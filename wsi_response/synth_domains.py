@@ -9,6 +9,12 @@ domain look alike and a classifier trained on one domain can be judged on anothe
 
 The ``default`` domain is the original generator: one texture per class ("other" a mix of fat,
 muscle and blood), no scanner model, the same bytes as before domains existed.
+
+``random`` (:func:`random_domain`) is domain randomisation for training data: every slide draws its
+own setting, each factor uniformly over a range that real labs span (stain hue and strength, glass
+colour, gamma, colour cast, sensor noise, defocus or sharpening, JPEG quality, nuclear size,
+cellularity), and the shares of every sub-type of each class from a flat Dirichlet, so a rare
+sub-type of one slide is the main one of another.
 """
 from __future__ import annotations
 
@@ -18,9 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .classes import CLASSES
-from .synth_textures import SUBTYPE_BY_NAME, smooth_noise
+from .synth_textures import SUBTYPE_BY_NAME, SUBTYPES, smooth_noise
 
-__all__ = ["Domain", "DOMAINS", "Scanner", "draw_scanner", "split_subtypes"]
+__all__ = ["Domain", "DOMAINS", "RANDOM", "domain_names", "resolve_domain", "random_domain", "Scanner",
+           "draw_scanner", "split_subtypes"]
 
 SHARPEN_SIGMA_PX = 1.0   # unsharp-mask radius, level-0 px (the scanner sharpens sensor pixels)
 
@@ -83,6 +90,41 @@ DOMAINS: dict[str, Domain] = {d.name: d for d in (
                      ("Fat", 0.5), ("Blood", 0.25), ("Skeletal muscle", 0.2), ("Nerve", 0.05))),
 )}
 """Every domain by name; ``default`` first."""
+
+RANDOM = "random"
+
+
+def domain_names() -> tuple[str, ...]:
+    """The names ``synth --domain`` takes: :data:`DOMAINS` and :data:`RANDOM`."""
+    return (*DOMAINS, RANDOM)
+
+
+def resolve_domain(name: str, seed: int) -> Domain:
+    """The domain ``name``; for :data:`RANDOM` the one slide ``seed`` draws (ValueError if unknown)."""
+    if name == RANDOM:
+        return random_domain(np.random.default_rng(np.random.SeedSequence([int(seed), 7300])))
+    if name not in DOMAINS:
+        raise ValueError(f"unknown domain {name!r}; choose from {', '.join(domain_names())}")
+    return DOMAINS[name]
+
+
+def random_domain(rng: np.random.Generator) -> Domain:
+    """One slide's randomised generator setting (see the module docstring); every range is wide
+    enough to hold the named domains' values."""
+    def u(lo: float, hi: float) -> float:
+        return float(rng.uniform(lo, hi))
+
+    stains = np.abs(np.array(_LEGACY_STAINS) + rng.normal(0, 0.08, (3, 3)))
+    stains /= np.linalg.norm(stains, axis=1, keepdims=True)
+    focus = rng.integers(3)  # defocus, sharpening or neither
+    return Domain(
+        RANDOM, tuple(tuple(round(float(v), 4) for v in row) for row in stains),
+        h_conc=math.exp(u(math.log(0.7), math.log(1.3))), e_conc=math.exp(u(math.log(0.7), math.log(1.3))),
+        jitter=0.05, white_rgb=(u(228, 250), u(228, 250), u(228, 250)), gamma=u(0.85, 1.2),
+        gain_rgb=(u(0.95, 1.05), 1.0, u(0.95, 1.05)), noise_sd=u(0.0, 4.0),
+        blur_um=u(0.1, 0.5) if focus == 0 else 0.0, sharpen=u(0.2, 0.8) if focus == 1 else 0.0,
+        jpeg_quality=int(rng.integers(65, 96)), nuc_scale=u(0.8, 1.3), density=u(0.7, 1.3),
+        subtypes=tuple((t.name, float(w)) for t, w in zip(SUBTYPES, rng.dirichlet(np.ones(len(SUBTYPES))))))
 
 
 @dataclass(frozen=True)
