@@ -202,6 +202,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .recalibrate import recalibrate_model
+
+    cfg = load_config(args.config, list(args.overrides))
+    result = recalibrate_model(args.model, args.slides, args.annotations, args.out, cfg, device=args.device)
+    m, cal = result.report["metrics"], result.report["calibration"]
+    recall = ", ".join(f"{c} {r:.3f}" for c, r in m["recall"].items() if r is not None)
+    print(f"model {args.out} (sha256 {result.classifier.sha256}): {args.model.name} with its error measured on "
+          f"{cal['n_slides']} slides, {m['n_tiles']} tiles")
+    print(f"balanced accuracy {m['balanced_accuracy']:.3f}; recall {recall}; temperature {cal['temperature']:.3f} "
+          f"(ECE {cal['before']['ece']:.3f} -> {cal['after']['ece']:.3f})")
+    for warning in m["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"report {result.report_path}")
+    return EXIT_OK
+
+
 def _split_overrides(items: Sequence[str]) -> tuple[list[Path], list[str]]:
     """Positional ``SLIDE...`` and ``section.key=value`` items, told apart by their shape."""
     slides, overrides = [], []
@@ -482,6 +500,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. training.batch_size=16")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("calibrate", help="measure a model's error on this lab's annotated slides and write a "
+                                         "copy whose intervals use it")
+    p.add_argument("--model", type=Path, required=True, help="the trained model file (.safetensors)")
+    p.add_argument("--slides", type=Path, nargs="+", required=True)
+    p.add_argument("--annotations", type=Path, nargs="+", required=True,
+                   help="QuPath GeoJSON per slide (paired by stem, else by order)")
+    p.add_argument("--out", type=Path, required=True, help="the recalibrated model file to write (a new file)")
+    p.add_argument("--config", type=Path, default=None, help="YAML config (see configs/default.yaml)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cmd_calibrate)
 
     def run_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", type=Path, default=None,

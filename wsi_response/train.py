@@ -275,6 +275,8 @@ def train_classifier(slides: Sequence[str | os.PathLike], annotations: Sequence[
         metrics["val"] = _validate(clf, val, dev)   # before calibration: the temperature keeps the argmax
         val_logits = predict_logits(clf, centre_crop(val.tiles, clf.tile_px), dev)
         temperature, validation, calibration = calibrate(val_logits, val.labels, val.slide_index)
+        validation["source"] = {"command": "train", "software_version": __version__,
+                                "slides": [data.slide_names[i] for i in val_ids]}
         clf = Classifier(**{**clf.__dict__, "temperature": temperature, "validation_error": validation})
     synthetic = all(_is_synthetic(p) for p, _ in pairs)
     clf = Classifier(**{**clf.__dict__, "trained_on": {
