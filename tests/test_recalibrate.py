@@ -77,3 +77,16 @@ def test_calibrate_refuses_to_overwrite_the_model_or_judge_one_slide(lab_b, tmp_
     with pytest.raises(ConfigError, match="at least 2 annotated slides"):
         recalibrate_model(default_model_path(), slides[:1], annotations[:1], tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_class_without_annotated_tiles_is_named_unknown(lab_b, tmp_path):
+    slides, annotations = lab_b
+    kept = []
+    for a in annotations:  # the lab annotated no necrosis
+        doc = json.loads(a.read_text())
+        doc["features"] = [f for f in doc["features"] if f["properties"]["classification"]["name"] != "Necrosis"]
+        kept.append(tmp_path / a.name)
+        kept[-1].write_text(json.dumps(doc))
+    result = recalibrate_model(default_model_path(), slides, kept, tmp_path / "m.safetensors", device="cpu")
+    assert result.classifier.validation_error["n_per_class"]["necrosis"] == 0
+    assert any(w.startswith("no annotated tiles of necrosis") for w in result.report["metrics"]["warnings"])

@@ -67,6 +67,8 @@ def recalibrate_model(model: str | os.PathLike, slides: Sequence[str | os.PathLi
                           f"{', '.join(data.slide_names)} (check annotations.name_map)")
     logits = predict_logits(clf, data.tiles, resolve_device(device))
     metrics = classification_metrics(data.labels, logits.argmax(axis=1), data.names)
+    metrics["warnings"] += [f"no annotated tiles of {cls}: its error on these slides is unknown, and the interval "
+                            f"takes any error for it" for cls, n in metrics["support"].items() if n == 0]
     temperature, validation, calibration = calibrate(logits, data.labels, data.slide_index)
     validation["source"] = {"command": "calibrate", "software_version": __version__,
                             "slides": list(data.slide_names), "annotations": [Path(a).name for _, a in pairs]}
