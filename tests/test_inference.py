@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from wsi_response.classifier import default_model_path, load_classifier
-from wsi_response.config import TilingConfig
+from wsi_response.config import TilingConfig, TissueConfig
 from wsi_response.errors import ConfigError, ModelError
 from wsi_response.inference import predict, resolve_device
 from wsi_response.slide import open_slide
 from wsi_response.store import read_tile_store
 from wsi_response.synth import synth_slide
+from wsi_response.stain import grid_stain
 from wsi_response.tiling import TileReader, tile_grid
-from wsi_response.tissue import detect_tissue
+from wsi_response.tissue import detect_tissue, read_overview
 from wsi_response.train import predict_tiles
 
 TILING = TilingConfig(read_region_px=512)  # one tile per chunk: many chunks to resume
@@ -40,7 +41,8 @@ def test_predict_matches_reference_and_is_batch_and_worker_invariant(setup):
     np.testing.assert_allclose(a.probs.sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
     reader = TileReader(slide, grid)
-    ref = predict_tiles(clf, reader.read_tiles(np.arange(len(grid))), torch.device("cpu"))
+    stain = grid_stain(slide, grid, read_overview(slide, TissueConfig().mask_mpp).glass)  # as a run estimates it
+    ref = predict_tiles(clf.for_slide(stain), reader.read_tiles(np.arange(len(grid))), torch.device("cpu"))
     np.testing.assert_allclose(a.probs, ref, atol=1e-5)
 
 
@@ -131,7 +133,8 @@ def test_the_stored_probabilities_are_calibrated_by_the_model_temperature(setup,
     from dataclasses import replace
 
     _, slide, grid, clf = setup
-    plain = predict(slide, grid, clf, num_workers=0, device="cpu", store=tmp_path / "t1.zarr")
+    plain = replace(clf, temperature=1.0, sha256="uncalibrated")
+    plain = predict(slide, grid, plain, num_workers=0, device="cpu", store=tmp_path / "t1.zarr")
     hot = replace(clf, temperature=2.0, sha256="another-model")  # another model: its own store
     predict(slide, grid, hot, num_workers=0, device="cpu", store=tmp_path / "t2.zarr")
     stored = read_tile_store(tmp_path / "t2.zarr").predictions.probs

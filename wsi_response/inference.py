@@ -56,6 +56,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .children import as_child
 from .classifier import Classifier, to_unit_float
+from .config import TissueConfig
 from .errors import ConfigError, ModelError, WsiResponseError
 from .jpegtiles import JpegTileReader, open_jpeg_tile_reader
 from .slide import Level, Slide
@@ -458,8 +459,16 @@ def predict(slide: Slide, grid: TileGrid, classifier: Classifier, *, batch_size:
     sub-cell probabilities, from the same forward pass (:class:`SubcellHead`).
     ``progress(done, total)`` is called after each finished chunk. ``timings`` gets ``model_s``,
     the seconds spent in the model (:attr:`ModelRunner.busy_s`; 0 when every chunk was stored).
+    A model that reads stain-normalised tiles is given the slide's stain estimated from ``grid``
+    as a run does (:func:`~wsi_response.stain.grid_stain`, glass from the default overview) unless
+    :meth:`Classifier.for_slide` already gave it one.
     """
     _check_grid(grid, classifier)
+    if classifier.stain_normalisation and classifier.slide_stain is None:
+        from .stain import grid_stain
+        from .tissue import read_overview
+
+        classifier = classifier.for_slide(grid_stain(slide, grid, read_overview(slide, TissueConfig().mask_mpp).glass))
     if decode not in DECODE_CHOICES:
         raise ConfigError(f"inference.decode: {decode!r} is not one of {', '.join(DECODE_CHOICES)}")
     dev = resolve_device(device)
@@ -572,9 +581,6 @@ def _check_grid(grid: TileGrid, classifier: Classifier) -> None:
         problems.append(f"grid read_mpp {grid.read_mpp:g} µm/px vs model target_mpp {classifier.target_mpp:g}")
     if grid.tile_px != classifier.tile_px:
         problems.append(f"grid tile_px {grid.tile_px} vs model tile_px {classifier.tile_px}")
-    if classifier.stain_normalisation and classifier.slide_stain is None:
-        problems.append(f"the model reads {classifier.stain_normalisation}-normalised tiles and no stain "
-                        "estimate of the slide was given (Classifier.for_slide)")
     if problems:
         raise ModelError(classifier.path or classifier.arch, "does not fit the tile grid: " + "; ".join(problems))
 
