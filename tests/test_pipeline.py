@@ -181,21 +181,20 @@ def test_artefacts_are_excluded_counted_and_drawn(demo_classifier, tmp_path):
     assert result["qc"]["verdict"] in ("reportable_with_caveats", "not_reportable")
 
 
-def test_aggregate_with_a_validated_model(specimen_run, tmp_path):
+def test_aggregate_with_and_without_a_validated_model(specimen_run, tmp_path):
     specimen_dir, result = specimen_run
-    assert result["viable_percent_ci95_method"] == "tile_probabilities_only"
-    assert "model_error_unknown" in [f["code"] for f in result["qc"]["flags"]]
+    flags = [f["code"] for f in result["qc"]["flags"]]
+    assert result["viable_percent_ci95_method"] == "validated_confusion"  # the bundled model carries its validation
+    assert result["viable_percent_corrected"] is not None and "model_error_unknown" not in flags
     copy = tmp_path / "S-TEST"
     shutil.copytree(specimen_dir, copy)
-    counts = [[95, 2, 2, 1], [3, 90, 5, 2], [4, 2, 92, 2], [1, 1, 3, 95]]
     for path in copy.glob("slides/*/slide.json"):
         record = json.loads(path.read_text())
-        record["model"]["validation_error"] = {"confusion_matrix": counts}
+        record["model"]["validation_error"] = None  # as a model trained without validation records it
         path.write_text(json.dumps(record))
-    validated = aggregate_specimen(copy, "S-TEST")
-    assert validated["viable_percent_ci95_method"] == "validated_confusion"
-    assert validated["viable_percent"] == result["viable_percent"]
-    assert validated["viable_percent_corrected"] is not None
-    assert "model_error_unknown" not in [f["code"] for f in validated["qc"]["flags"]]
-    (lo, hi), (plo, phi) = validated["viable_percent_ci95"], result["viable_percent_ci95"]
+    plain = aggregate_specimen(copy, "S-TEST")
+    assert plain["viable_percent_ci95_method"] == "tile_probabilities_only"
+    assert plain["viable_percent"] == result["viable_percent"] and plain["viable_percent_corrected"] is None
+    assert "model_error_unknown" in [f["code"] for f in plain["qc"]["flags"]]
+    (lo, hi), (plo, phi) = result["viable_percent_ci95"], plain["viable_percent_ci95"]
     assert hi - lo > phi - plo  # the validated error widens the interval

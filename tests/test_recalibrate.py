@@ -45,7 +45,8 @@ def test_calibrate_replaces_the_error_and_temperature_not_the_weights(lab_b, tmp
     assert block["n_slides"] == 2 and len(block["per_slide"]) == 2
     assert np.sum(block["per_slide"], axis=0).tolist() == block["confusion_matrix"]
     assert block["source"]["command"] == "calibrate" and block["source"]["slides"] == [p.name for p in slides]
-    assert old.validation_error is None and block["replaced"]["validation_error"] is None  # trained without validation
+    assert block["replaced"]["validation_error"]["confusion_matrix"] == old.validation_error["confusion_matrix"]
+    assert block["replaced"]["validation_error"]["source"]["command"] == "train"
     assert block["replaced"]["temperature"] == old.temperature
     assert new.describe()["validation_error"]["source"]["command"] == "calibrate"  # specimen.json says so
 
@@ -56,7 +57,7 @@ def test_calibrate_replaces_the_error_and_temperature_not_the_weights(lab_b, tmp
     assert out.with_name(out.name + ".reliability.png").stat().st_size > 1000
     assert "balanced accuracy" in proc.stdout and str(out) in proc.stdout
 
-    # the same tiles now get this lab's validated interval and corrected estimate; the areas stay
+    # the same tiles now get this lab's interval and corrected estimate; the areas stay
     rng = np.random.default_rng(0)
     pred = rng.integers(0, 4, 400)
     cols_rows = np.stack(np.divmod(np.arange(400), 20), axis=1)
@@ -65,9 +66,9 @@ def test_calibrate_replaces_the_error_and_temperature_not_the_weights(lab_b, tmp
     before = specimen_areas([slide], validation_error=old.validation_error)
     after = specimen_areas([slide], validation_error=block)
     assert after.viable_percent == before.viable_percent
-    assert (before.viable_percent_ci95_method, after.viable_percent_ci95_method) == \
-        ("tile_probabilities_only", "validated_confusion")
-    assert after.viable_percent_corrected is not None and after.viable_percent_ci95 != before.viable_percent_ci95
+    assert after.viable_percent_ci95_method == before.viable_percent_ci95_method == "validated_confusion"
+    assert after.viable_percent_corrected != before.viable_percent_corrected
+    assert after.viable_percent_ci95 != before.viable_percent_ci95
 
 
 def test_calibrate_refuses_to_overwrite_the_model_or_judge_one_slide(lab_b, tmp_path):

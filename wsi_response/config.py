@@ -118,7 +118,7 @@ class TrainingConfig:
 
     arch: str = _f("lcnet_050")                               # timm model name
     pretrained: bool = _f(False)                              # start from timm's published weights (downloaded once, cached)
-    epochs: int = _f(10, range=(1, 1000))                     # passes of as many draws as there are training tiles; the best on validation is kept
+    epochs: int = _f(20, range=(1, 1000))                     # passes of as many draws as there are training tiles; the best on validation is kept
     batch_size: int = _f(32, range=(1, 4096))                 # tiles per optimisation step
     learning_rate: float = _f(0.003, range=(1e-6, 1.0))       # AdamW peak learning rate (cosine decay)
     weight_decay: float = _f(0.0001, range=(0.0, 1.0))        # AdamW weight decay
