@@ -21,7 +21,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn, Sequence
+from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
 
 from . import __version__
 from .batch import STALL_TIMEOUT_S
@@ -192,7 +192,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     val = result.report["metrics"].get("val")
     print(f"model {args.out} (sha256 {result.classifier.sha256})")
     if val:
-        recall = ", ".join(f"{c} {r:.3f}" for c, r in val["recall"].items() if r is not None)
+        recall = _recall_text(val)
         print(f"validation ({result.report['metrics']['val_slides']} slides, {val['n_tiles']} tiles): "
               f"balanced accuracy {val['balanced_accuracy']:.3f} (epoch {result.report['metrics']['best_epoch']}); "
               f"recall {recall}")
@@ -202,6 +202,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _recall_text(metrics: Mapping[str, Any]) -> str:
+    """``viable_tumor 0.981, necrosis ...`` of a metrics block (classes without tiles left out)."""
+    return ", ".join(f"{c} {r:.3f}" for c, r in metrics["recall"].items() if r is not None)
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .config import load_config
     from .recalibrate import recalibrate_model
@@ -209,7 +214,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, list(args.overrides))
     result = recalibrate_model(args.model, args.slides, args.annotations, args.out, cfg, device=args.device)
     m, cal = result.report["metrics"], result.report["calibration"]
-    recall = ", ".join(f"{c} {r:.3f}" for c, r in m["recall"].items() if r is not None)
+    recall = _recall_text(m)
     print(f"model {args.out} (sha256 {result.classifier.sha256}): {args.model.name} with its error measured on "
           f"{cal['n_slides']} slides, {m['n_tiles']} tiles")
     print(f"balanced accuracy {m['balanced_accuracy']:.3f}; recall {recall}; temperature {cal['temperature']:.3f} "

@@ -4,7 +4,7 @@ A model's validated error (:mod:`wsi_response.model_error`) describes the slides
 on. Slides from another lab, stain or scanner have another error, and no interval computed from
 the training lab's validation can cover it. This module measures it where the model is used:
 every non-overlapping grid tile lying at least half inside one class's annotations on the lab's
-slides (:func:`~wsi_response.train_sampling.load_grid_tileset`, the pixels a run reads, stain-
+slides (:func:`~wsi_response.train.annotated_grid_logits`, the pixels a run reads, stain-
 normalised where the model is) is classified; a temperature is fitted to these tiles and their
 confusion counts (with per-slide counts for the between-slide spread) replace the checkpoint's
 ``temperature`` and ``validation_error``. The weights are unchanged, so every class area a run
@@ -31,9 +31,7 @@ from .calibration import calibrate, reliability_png
 from .classifier import Classifier, load_classifier, save_classifier, with_provenance
 from .config import Config
 from .errors import ConfigError
-from .inference import resolve_device
-from .train import classification_metrics, pair_annotations, predict_logits
-from .train_sampling import load_grid_tileset
+from .train import annotated_grid_logits, classification_metrics, pair_annotations
 
 __all__ = ["CalibrationResult", "recalibrate_model", "MIN_SLIDES"]
 
@@ -61,11 +59,10 @@ def recalibrate_model(model: str | os.PathLike, slides: Sequence[str | os.PathLi
                           f"slides is part of the interval), got {len(slides)}")
     clf = load_classifier(model, cfg.tiling)
     pairs = pair_annotations([Path(s) for s in slides], [Path(a) for a in annotations])
-    data = load_grid_tileset(pairs, cfg, normalise=clf.stain_normalisation is not None)
+    data, logits = annotated_grid_logits(clf, pairs, cfg, device)
     if not len(data.labels):
         raise ConfigError("calibrate: no grid tile lies at least half inside one class's annotations on "
                           f"{', '.join(data.slide_names)} (check annotations.name_map)")
-    logits = predict_logits(clf, data.tiles, resolve_device(device))
     metrics = classification_metrics(data.labels, logits.argmax(axis=1), data.names)
     metrics["warnings"] += [f"no annotated tiles of {cls}: its error on these slides is unknown, and the interval "
                             f"takes any error for it" for cls, n in metrics["support"].items() if n == 0]

@@ -759,8 +759,9 @@ def synth_slide(
     MPP in resolution tags only); ``artefacts`` is a subset of :data:`ARTEFACTS`, drawn from
     ``seed`` (none: the same bytes as without the argument); ``domain`` names a generator
     setting of :data:`DOMAINS`, or "random" for one drawn from ``seed`` (staining, scanner,
-    morphology, tissue sub-types; ``jpeg_quality`` ``None``: the domain's). Returns the :class:`SlideTruth` (areas exact, from the label and
-    artefact rasters; per sub-type too outside the default domain).
+    morphology, tissue sub-types; ``jpeg_quality`` ``None``: the domain's). Returns the
+    :class:`SlideTruth` (areas exact, from the label and artefact rasters; per sub-type too outside
+    the default domain).
     """
     dom = resolve_domain(domain, seed)
     if jpeg_quality is None:

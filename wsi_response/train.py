@@ -63,6 +63,7 @@ __all__ = [
     "classification_metrics",
     "predict_logits",
     "predict_tiles",
+    "annotated_grid_logits",
     "evaluate_annotated",
     "train_classifier",
 ]
@@ -170,14 +171,22 @@ def predict_tiles(classifier: Classifier, tiles: np.ndarray, device: torch.devic
     return classifier.probabilities(logits).numpy()
 
 
-def evaluate_annotated(classifier: Classifier, pairs: Sequence[tuple[Path, Path]], cfg: Config,
-                       device: str = "auto") -> dict[str, Any]:
-    """Tile-level metrics on annotated slides: every non-overlapping grid tile at least half inside
-    one class's annotations, with recall per annotation name."""
+def annotated_grid_logits(classifier: Classifier, pairs: Sequence[tuple[Path, Path]], cfg: Config,
+                          device: str = "auto") -> tuple[TileSet, np.ndarray]:
+    """The evaluation tiles of annotated slides (every non-overlapping grid tile at least half inside
+    one class's annotations, stain-normalised where the model reads normalised tiles) and the
+    model's logits for them ``(n, C)``."""
     classifier.check_compatible(cfg.tiling)
     data = load_grid_tileset(pairs, cfg, normalise=classifier.stain_normalisation is not None)
-    probs = predict_tiles(classifier, data.tiles, resolve_device(device))
-    return {**classification_metrics(data.labels, probs.argmax(axis=1), data.names), "slides": list(data.slide_names)}
+    return data, predict_logits(classifier, data.tiles, resolve_device(device))
+
+
+def evaluate_annotated(classifier: Classifier, pairs: Sequence[tuple[Path, Path]], cfg: Config,
+                       device: str = "auto") -> dict[str, Any]:
+    """Tile-level metrics on annotated slides (:func:`annotated_grid_logits`), with recall per
+    annotation name (the temperature does not move the argmax)."""
+    data, logits = annotated_grid_logits(classifier, pairs, cfg, device)
+    return {**classification_metrics(data.labels, logits.argmax(axis=1), data.names), "slides": list(data.slide_names)}
 
 
 def _validate(clf: Classifier, val: TileSet, dev: torch.device) -> dict[str, Any]:
